@@ -1,0 +1,78 @@
+"""The database resource: the embedded server (when no DSN is configured), the asyncpg pool
+and the schema, started and ended in one place.
+
+``open_database(settings)`` is an async context manager: on entry the server is running, the
+migrations are applied and the pool is open; on exit the pool closes, then the embedded
+server (if we started it) stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import asyncpg
+
+from config import Settings
+from db.embedded import EmbeddedPostgres
+from db.migrate import migrate
+
+log = logging.getLogger("callgate.db")
+
+# Server-side bounds, so a stuck statement or lock wait ends on the server too, not only in
+# our client timeout. Kept a little above LIMITER_TIMEOUT_MS's usual value.
+SERVER_SETTINGS = {
+    "application_name": "callgate",
+    "statement_timeout": "5000",
+    "lock_timeout": "2000",
+    "idle_in_transaction_session_timeout": "10000",
+}
+
+
+@dataclass
+class Database:
+    pool: asyncpg.Pool
+    embedded: EmbeddedPostgres | None
+    dsn: str
+
+    @property
+    def kind(self) -> str:
+        return "embedded" if self.embedded else "external"
+
+
+async def create_pool(dsn: str, size: int) -> asyncpg.Pool:
+    return await asyncpg.create_pool(
+        dsn,
+        min_size=1,
+        max_size=size,
+        command_timeout=10,
+        timeout=5,  # connection establishment
+        server_settings=SERVER_SETTINGS,
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_database(settings: Settings, *, apply_migrations: bool = True) -> AsyncIterator[Database]:
+    embedded = None
+    dsn = settings.dsn.value if settings.dsn else None
+    if dsn is None:
+        embedded = EmbeddedPostgres(settings.data_dir.resolve() / "pg")
+        log.info("no DATABASE_URL: starting the embedded PostgreSQL (data in %s)", embedded.data_dir)
+        dsn = await asyncio.to_thread(embedded.start)
+    try:
+        pool = await create_pool(dsn, settings.pool_size)
+        try:
+            if apply_migrations:
+                async with pool.acquire() as conn:
+                    applied = await migrate(conn)
+                log.info("schema up to date (%d migration(s) applied now)", len(applied))
+            yield Database(pool, embedded, dsn)
+        finally:
+            # Shielded: the pool must close (and the server stop) even when our task is cancelled.
+            await asyncio.shield(pool.close())
+    finally:
+        if embedded is not None:
+            await asyncio.shield(asyncio.to_thread(embedded.stop))

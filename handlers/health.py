@@ -1,0 +1,61 @@
+"""``/healthz`` (ours), ``/health`` (phone-screen's shape) and ``/metrics``.
+
+They never touch Twilio or OpenAI; the database check is a real ``SELECT 1`` through the pool,
+bounded by the limiter's timeout.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+from aiohttp import web
+
+from appkeys import DATABASE, LIFECYCLE, LIMITER, METRICS
+from config import VERSION
+from metrics import CONTENT_TYPE_LATEST
+
+
+async def _facts(request: web.Request) -> dict:
+    limiter = request.app[LIMITER]
+    database_ok = await limiter.check_database()
+    return {
+        "status": "ok" if database_ok else "degraded",
+        "database": "ok" if database_ok else "unavailable",
+        "activeCalls": request.app[LIFECYCLE].active_calls,
+        "version": VERSION,
+    }
+
+
+async def healthz(request: web.Request) -> web.Response:
+    if request.app[LIFECYCLE].draining:
+        return web.json_response({"status": "draining"}, status=503)
+    return web.json_response(await _facts(request))
+
+
+async def health(request: web.Request) -> web.Response:
+    """The same facts in the shape phone-screen's monitors read."""
+    lifecycle = request.app[LIFECYCLE]
+    if lifecycle.draining:
+        return web.json_response({"status": "draining"}, status=503)
+    facts = await _facts(request)
+    return web.json_response({
+        "status": "healthy" if facts["status"] == "ok" else "degraded",
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "uptime": round(time.time() - lifecycle.started_at, 1),
+        "activeSessions": facts["activeCalls"],
+        "database": facts["database"],
+        "version": VERSION,
+    })
+
+
+async def metrics(request: web.Request) -> web.Response:
+    app = request.app
+    m = app[METRICS]
+    pool = app[DATABASE].pool
+    m.pool_size.set(pool.get_size())
+    m.pool_in_use.set(pool.get_size() - pool.get_idle_size())
+    m.limiter_pending.set(app[LIMITER].pending)
+    m.database_up.set(1 if app[LIMITER].database_ok else 0)
+    m.active_calls.set(app[LIFECYCLE].active_calls)
+    return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,49 @@
+"""Prometheus metrics, one registry per application (tests build many apps in one process).
+
+No label ever holds a phone number: results, sources and outcomes only.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from limiter.rules import Decision
+
+__all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.limiter_decisions = Counter(
+            "callgate_limiter_decisions_total",
+            "Limiter answers by operation, result and who decided (database, memory, open, closed, validation)",
+            ["op", "result", "source"], registry=self.registry,
+        )
+        self.limiter_latency = Histogram(
+            "callgate_limiter_latency_seconds", "Time to answer one limiter call", ["op"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
+        self.limiter_pending = Gauge(
+            "callgate_limiter_pending", "Charges and refunds decided while PostgreSQL was away, not yet written back",
+            registry=self.registry,
+        )
+        self.database_up = Gauge("callgate_database_up", "1 when PostgreSQL answered the last check", registry=self.registry)
+        self.pool_size = Gauge("callgate_db_pool_connections", "Connections open in the pool", registry=self.registry)
+        self.pool_in_use = Gauge("callgate_db_pool_in_use", "Pool connections lent out now", registry=self.registry)
+        self.active_calls = Gauge("callgate_active_calls", "Calls live on this instance", registry=self.registry)
+        self.http_requests = Counter(
+            "callgate_http_requests_total", "HTTP requests by route and status", ["route", "status"],
+            registry=self.registry,
+        )
+
+    def observe_limiter(self, op: str, decision: Decision | None, seconds: float) -> None:
+        if decision is not None:
+            result = "allowed" if decision.allowed else (decision.reason or "refused")
+            self.limiter_decisions.labels(op, result, decision.source).inc()
+        self.limiter_latency.labels(op).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

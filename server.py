@@ -1,0 +1,158 @@
+"""Callgate: an AI voice agent on the phone.
+
+``create_app(settings)`` builds the application for ``main()`` and for the tests alike: the
+routes on one screen, and every resource with a start and an end in one cleanup context.
+
+    python server.py                      # serve on 0.0.0.0:$PORT
+    python server.py admin stats|reset NUMBER|cleanup|migrate
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Callable
+
+import orjson
+from aiohttp import web
+
+import logsetup
+from appkeys import DATABASE, LIFECYCLE, LIMITER, METRICS, SETTINGS, Lifecycle
+from config import VERSION, ConfigError, Settings, help_text
+from db.database import open_database
+from db.migrate import migrate
+from db.sql import Queries
+from handlers import admin, health
+from limiter.limiter import Limiter, Regions
+from limiter.phone import PhoneKeyer
+from limiter.rules import Rules
+from metrics import Metrics
+
+log = logging.getLogger("callgate")
+
+
+def build_limiter(settings: Settings, db_pool, metrics: Metrics | None = None,
+                  clock: Callable[[], int | None] | None = None) -> Limiter:
+    return Limiter(
+        db_pool,
+        Queries(),
+        PhoneKeyer(settings.phone_key.value, [k.value for k in settings.phone_previous_keys]),
+        Rules(settings.phone_max_calls, settings.phone_window_ms, settings.phone_cooldown_ms),
+        Regions(settings.default_region, settings.allowed_regions),
+        fail_mode=settings.limiter_fail_mode,
+        timeout=settings.limiter_timeout_ms / 1000,
+        observe=metrics.observe_limiter if metrics else None,
+        **({"clock": clock} if clock else {}),
+    )
+
+
+def create_app(settings: Settings, *, limiter_clock: Callable[[], int | None] | None = None) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024)
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[LIFECYCLE] = Lifecycle()
+
+    async def database(app: web.Application) -> AsyncIterator[None]:
+        async with open_database(settings) as db:
+            app[DATABASE] = db
+            app[LIMITER] = limiter = build_limiter(settings, db.pool, app[METRICS], limiter_clock)
+            maintenance = asyncio.create_task(limiter.maintain(), name="limiter-maintenance")
+            try:
+                yield
+            finally:
+                maintenance.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await maintenance
+
+    async def start_draining(app: web.Application) -> None:
+        app[LIFECYCLE].draining = True
+
+    app.cleanup_ctx.append(database)
+    app.on_shutdown.append(start_draining)
+
+    app.router.add_get("/healthz", health.healthz)
+    app.router.add_get("/health", health.health)
+    app.router.add_get("/metrics", health.metrics)
+    app.router.add_get("/public-url", public_url)
+    app.router.add_get("/admin/stats", admin.stats)
+    return app
+
+
+async def public_url(request: web.Request) -> web.Response:
+    return web.json_response({"publicUrl": request.app[SETTINGS].public_url})
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python server.py",
+        description=f"Callgate {VERSION}: an AI voice agent on the phone (Twilio Media Streams + OpenAI Realtime).",
+        epilog=help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="listen port (overrides PORT)")
+    sub = parser.add_subparsers(dest="command", metavar="admin")
+    admin_parser = sub.add_parser("admin", help="operator commands: stats, reset NUMBER, cleanup, migrate")
+    admin_sub = admin_parser.add_subparsers(dest="action", required=True)
+    admin_sub.add_parser("stats", help="print limiter analytics as JSON")
+    reset = admin_sub.add_parser("reset", help="forget one number's charges")
+    reset.add_argument("number", help="the phone number (any common format)")
+    admin_sub.add_parser("cleanup", help="delete limiter rows whose window has passed")
+    admin_sub.add_parser("migrate", help="apply pending schema migrations and exit")
+    return parser.parse_args(argv)
+
+
+async def run_admin(settings: Settings, args: argparse.Namespace) -> int:
+    async with open_database(settings, apply_migrations=args.action != "migrate") as db:
+        if args.action == "migrate":
+            async with db.pool.acquire() as conn:
+                applied = await migrate(conn)
+            print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
+            return 0
+        limiter = build_limiter(settings, db.pool)
+        if args.action == "stats":
+            print(orjson.dumps(await limiter.stats(), option=orjson.OPT_INDENT_2).decode())
+        elif args.action == "cleanup":
+            rows, charges = await limiter.cleanup()
+            print(f"deleted {rows} expired row(s) and {charges} expired charge record(s)")
+        elif args.action == "reset":
+            phone = limiter.parse(args.number)
+            rows = await limiter.reset(phone)
+            print(f"reset {phone.masked}: {rows} row(s) deleted")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = Settings.from_env(os.environ)
+        if args.port is not None:
+            settings = settings.replace(port=args.port).checked()
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    logsetup.configure(settings.log_format, settings.log_level)
+    for warning in settings.warnings:
+        log.warning("%s", warning)
+    if args.command == "admin":
+        try:
+            return asyncio.run(run_admin(settings, args))
+        except Exception as exc:  # an operator command: say what failed, no traceback
+            print(f"admin {args.action} failed: {exc}", file=sys.stderr)
+            return 1
+    log.info("Callgate %s starting on %s:%d (public URL %s, %s)", VERSION, args.host, settings.port,
+             settings.public_url, settings.env)
+    web.run_app(create_app(settings), host=args.host, port=settings.port, print=None,
+                shutdown_timeout=30, access_log=None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -98,7 +98,12 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{DATABASE}"
 
     def _run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        user = self._account.pw_name if self._account else None
+        # Drop root's groups too: a folder whose group is root, with group bits unset, would
+        # otherwise refuse the service user even with o+x.
+        switch = (
+            {"user": self._account.pw_uid, "group": self._account.pw_gid, "extra_groups": []}
+            if self._account else {}
+        )
         try:
             return subprocess.run(
                 [str(_bin_dir() / args[0]), *args[1:]],
@@ -106,8 +111,8 @@ class EmbeddedPostgres:
                 capture_output=True,
                 text=True,
                 timeout=timeout,
-                user=user,
                 cwd="/",
+                **switch,
             )
         except subprocess.CalledProcessError as exc:
             raise EmbeddedPostgresError(

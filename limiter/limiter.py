@@ -9,6 +9,7 @@ errors never leave this module.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -99,22 +100,31 @@ class Limiter:
         return await self._run(query, args, many=False)
 
     async def _run(self, query: str, args: tuple, *, many: bool) -> Any:
-        sent = False
+        conn = None
         try:
             async with asyncio.timeout(self._timeout):
-                async with self._pool.acquire() as conn:
-                    sent = True
-                    row = await (conn.fetch(query, *args) if many else conn.fetchrow(query, *args))
+                conn = await self._pool.acquire()
+                result = await (conn.fetch(query, *args) if many else conn.fetchrow(query, *args))
         except _UNAVAILABLE as exc:
+            if conn is not None:
+                # Its state is unknown (a query may still run on it): never lend it again.
+                # Releasing a live one would wait for its reset, unbounded on a stalled server.
+                # (A connection the server dropped is already back in the pool: nothing to do.)
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    conn.terminate()
             if self.database_ok:
                 log.warning("PostgreSQL unavailable (%s: %s); fail mode %s",
                             type(exc).__name__, str(exc)[:200] or "timeout", self.fail_mode)
             self.database_ok = False
-            raise LimiterUnavailable(f"{type(exc).__name__}: {exc}", sent=sent) from exc
+            raise LimiterUnavailable(f"{type(exc).__name__}: {exc}", sent=conn is not None) from exc
+        finally:
+            if conn is not None:
+                with contextlib.suppress(asyncpg.InterfaceError):  # released already (see above)
+                    await self._pool.release(conn)
         if not self.database_ok:
             log.info("PostgreSQL is back")
             self.database_ok = True
-        return row
+        return result
 
     async def check_database(self) -> bool:
         """Ask PostgreSQL for a trivial answer; updates and returns ``database_ok``."""

@@ -89,9 +89,12 @@ def parse(raw: object, *, default_region: str, allowed_regions: Iterable[str]) -
 
 
 def _is_emergency_or_short(text: str, parsed: phonenumbers.PhoneNumber, region: str) -> bool:
-    digits = str(parsed.national_number)
+    # Short codes are dialled without a country code; "+1415555" is just a bad number.
+    dialled_locally = not text.startswith("+")
     return shortnumberinfo.is_emergency_number(text, region) or (
-        len(digits) <= 6 and shortnumberinfo.is_valid_short_number_for_region(parsed, region)
+        dialled_locally
+        and len(str(parsed.national_number)) <= 6
+        and shortnumberinfo.is_valid_short_number_for_region(parsed, region)
     )
 
 

@@ -1,0 +1,60 @@
+"""Schema migrations: applied once each, in order, safely from several processes at once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+
+from db.migrate import migrate
+from db.sql import Queries, migrations
+
+
+async def _schema(conn: asyncpg.Connection) -> list[tuple]:
+    return [tuple(r) for r in await conn.fetch(
+        "SELECT table_name, column_name, data_type FROM information_schema.columns "
+        "WHERE table_schema = 'public' ORDER BY table_name, ordinal_position")]
+
+
+async def test_running_migrations_again_changes_nothing(dsn):
+    """A second run applies nothing and leaves the schema as it was."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        before = await _schema(conn)
+        assert await migrate(conn) == []
+        assert await _schema(conn) == before
+        recorded = [r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations ORDER BY name")]
+        assert recorded == [name for name, _ in migrations()]
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_starts_apply_each_migration_once(server_dsn):
+    """Several instances migrating one fresh database at once apply every migration exactly once."""
+    from conftest import with_database
+    import uuid
+
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    admin = await asyncpg.connect(with_database(server_dsn, "postgres"))
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        conns = [await asyncpg.connect(with_database(server_dsn, name)) for _ in range(4)]
+        try:
+            results = await asyncio.gather(*(migrate(c) for c in conns))
+        finally:
+            for c in conns:
+                await c.close()
+        applied = [n for result in results for n in result]
+        assert sorted(applied) == [n for n, _ in migrations()]
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def test_every_query_file_prepares_against_the_migrated_schema(pool):
+    """Each sql/*.sql file names tables, columns and functions the migrations created."""
+    queries = Queries()
+    async with pool.acquire() as conn:
+        for name in ("limiter_hit", "limiter_status", "limiter_refund", "limiter_refund_at",
+                     "limiter_rekey", "limiter_cleanup", "limiter_reset", "admin_stats"):
+            await conn.prepare(getattr(queries, name))

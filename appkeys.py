@@ -7,10 +7,14 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from bridge.call import Call, CallServices
+from bridge.events import EventBus
 from config import Settings
+from db.calls import CallStore
 from db.database import Database
 from limiter.limiter import Limiter
 from metrics import Metrics
+from twilio_rest import TwilioRest
 
 
 @dataclass
@@ -20,6 +24,8 @@ class Lifecycle:
     started_at: float = field(default_factory=time.time)
     draining: bool = False
     active_calls: int = 0
+    # Stream tokens spent while PostgreSQL was away (single use on this instance only).
+    spent_tokens: set[str] = field(default_factory=set)
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -27,3 +33,9 @@ METRICS = web.AppKey("metrics", Metrics)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 DATABASE = web.AppKey("database", Database)
 LIMITER = web.AppKey("limiter", Limiter)
+CALL_STORE = web.AppKey("call_store", CallStore)
+BUS = web.AppKey("bus", EventBus)
+CALLS = web.AppKey("calls", dict[str, Call])
+CALL_SERVICES = web.AppKey("call_services", CallServices)
+TWILIO_REST = web.AppKey("twilio_rest", TwilioRest)
+TOKEN_SECRET = web.AppKey("token_secret", bytes)

@@ -284,6 +284,11 @@ class Settings:
             )
         if not key:
             raise ConfigError("PHONE_ENCRYPTION_KEY is empty")
+        if self.production and not (self.twilio_auth_token and self.twilio_account_sid):
+            raise ConfigError(
+                "TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN must be set when CALLGATE_ENV=production "
+                "(without them Twilio's requests cannot be verified)"
+            )
         if any(not k.value for k in self.phone_previous_keys):
             raise ConfigError("PHONE_ENCRYPTION_PREVIOUS_KEYS has an empty key")
         origins = self.allowed_origins

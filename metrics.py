@@ -34,16 +34,22 @@ class Metrics:
         self.pool_size = Gauge("callgate_db_pool_connections", "Connections open in the pool", registry=self.registry)
         self.pool_in_use = Gauge("callgate_db_pool_in_use", "Pool connections lent out now", registry=self.registry)
         self.active_calls = Gauge("callgate_active_calls", "Calls live on this instance", registry=self.registry)
-        self.http_requests = Counter(
-            "callgate_http_requests_total", "HTTP requests by route and status", ["route", "status"],
-            registry=self.registry,
+        self.calls = Counter("callgate_calls_total", "Calls ended, by outcome", ["outcome"], registry=self.registry)
+        self.relay_frames = Counter(
+            "callgate_relay_frames_total", "Audio frames relayed, by direction", ["direction"], registry=self.registry,
         )
+        self.open_sockets = Gauge("callgate_open_sockets", "Open WebSockets, by kind", ["kind"], registry=self.registry)
 
     def observe_limiter(self, op: str, decision: Decision | None, seconds: float) -> None:
         if decision is not None:
             result = "allowed" if decision.allowed else (decision.reason or "refused")
             self.limiter_decisions.labels(op, result, decision.source).inc()
         self.limiter_latency.labels(op).observe(seconds)
+
+    def frame_observer(self):
+        """A cheap per-frame counter: label children are looked up once, not per frame."""
+        children = {d: self.relay_frames.labels(d) for d in ("caller_to_model", "model_to_caller")}
+        return lambda direction: children[direction].inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

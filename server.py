@@ -21,18 +21,30 @@ import orjson
 from aiohttp import web
 
 import logsetup
-from appkeys import DATABASE, LIFECYCLE, LIMITER, METRICS, SETTINGS, Lifecycle
+import scenarios
+from appkeys import (BUS, CALL_SERVICES, CALL_STORE, CALLS, DATABASE, LIFECYCLE, LIMITER, METRICS, SETTINGS,
+                     TOKEN_SECRET, TWILIO_REST, Lifecycle)
+from bridge import functions, tokens
+from bridge.call import CallServices
+from bridge.events import STATUS_RANK, EventBus
+from bridge.model import ModelConnector, RealtimeConnector
+from bridge.offline import OfflineConnector
 from config import VERSION, ConfigError, Settings, help_text
+from db.calls import CallStore, CallStoreUnavailable
 from db.database import open_database
 from db.migrate import migrate
 from db.sql import Queries
 from handlers import admin, health
+from handlers import twilio as twilio_handlers
 from limiter.limiter import Limiter, Regions
 from limiter.phone import PhoneKeyer
 from limiter.rules import Rules
 from metrics import Metrics
+from twilio_rest import TwilioRest
 
 log = logging.getLogger("callgate")
+
+WRAP_UP_S = 20.0  # the agent is asked to wrap up this long before the session limit
 
 
 def build_limiter(settings: Settings, db_pool, metrics: Metrics | None = None,
@@ -50,36 +62,99 @@ def build_limiter(settings: Settings, db_pool, metrics: Metrics | None = None,
     )
 
 
-def create_app(settings: Settings, *, limiter_clock: Callable[[], int | None] | None = None) -> web.Application:
+def model_connector(settings: Settings) -> ModelConnector:
+    if settings.openai_api_key:
+        return RealtimeConnector(settings.openai_realtime_url, settings.openai_realtime_model,
+                                 settings.openai_api_key.value)
+    return OfflineConnector()
+
+
+def create_app(settings: Settings, *, limiter_clock: Callable[[], int | None] | None = None,
+               connector: ModelConnector | None = None, drain_timeout: float = 60.0) -> web.Application:
     app = web.Application(client_max_size=64 * 1024)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[LIFECYCLE] = Lifecycle()
+    app[BUS] = EventBus()
+    app[CALLS] = {}
+    app[TOKEN_SECRET] = tokens.derive_secret(settings.phone_key.value)
+    connector = connector or model_connector(settings)
 
-    async def database(app: web.Application) -> AsyncIterator[None]:
-        async with open_database(settings) as db:
-            app[DATABASE] = db
-            app[LIMITER] = limiter = build_limiter(settings, db.pool, app[METRICS], limiter_clock)
-            maintenance = asyncio.create_task(limiter.maintain(), name="limiter-maintenance")
-            try:
-                yield
-            finally:
-                maintenance.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await maintenance
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        rest = app[TWILIO_REST] = TwilioRest(settings.twilio_account_sid,
+                                             settings.twilio_auth_token.value if settings.twilio_auth_token else None,
+                                             settings.twilio_api_base_url)
+        try:
+            async with open_database(settings) as db:
+                app[DATABASE] = db
+                app[LIMITER] = limiter = build_limiter(settings, db.pool, app[METRICS], limiter_clock)
+                app[CALL_STORE] = store = CallStore(db.pool, Queries(), settings.limiter_timeout_ms / 1000)
+                app[CALL_SERVICES] = call_services(settings, app, connector, rest, store)
+                maintenance = asyncio.create_task(limiter.maintain(), name="limiter-maintenance")
+                try:
+                    yield
+                finally:
+                    maintenance.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await maintenance
+        finally:
+            await rest.close()
 
-    async def start_draining(app: web.Application) -> None:
+    async def drain(app: web.Application) -> None:
+        """SIGTERM: refuse new calls, give live ones until the deadline, then end them."""
         app[LIFECYCLE].draining = True
+        calls = app[CALLS]
+        if calls:
+            log.info("draining: %d live call(s), up to %.0f s", len(calls), drain_timeout)
+            deadline = asyncio.get_running_loop().time() + drain_timeout
+            while calls and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.2)
+            for call in list(calls.values()):
+                call.request_end("shutdown")
 
-    app.cleanup_ctx.append(database)
-    app.on_shutdown.append(start_draining)
+    app.cleanup_ctx.append(resources)
+    app.on_shutdown.append(drain)
 
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/health", health.health)
     app.router.add_get("/metrics", health.metrics)
+    app.router.add_route("*", "/twiml", twilio_handlers.twiml)
+    app.router.add_post("/twilio/status", twilio_handlers.status_callback)
+    app.router.add_get("/call", twilio_handlers.media_stream)
+    app.router.add_get("/scenarios", list_scenarios)
+    app.router.add_get("/tools", list_tools)
     app.router.add_get("/public-url", public_url)
     app.router.add_get("/admin/stats", admin.stats)
     return app
+
+
+def call_services(settings: Settings, app: web.Application, connector: ModelConnector, rest: TwilioRest,
+                  store: CallStore) -> CallServices:
+    async def record_end(call_sid: str, reason: str) -> None:
+        try:
+            await store.set_status(call_sid, "ended", STATUS_RANK["ended"], reason)
+        except CallStoreUnavailable:
+            log.warning("call %s: end not recorded (database unavailable)", call_sid)
+
+    duration = settings.session_duration_ms / 1000
+    return CallServices(
+        connector=connector,
+        bus=app[BUS],
+        hangup=rest.hangup,
+        record_end=record_end,
+        session_duration_s=duration,
+        wrap_up_s=min(WRAP_UP_S, duration / 4),
+        observe_frame=app[METRICS].frame_observer(),
+    )
+
+
+async def list_scenarios(request: web.Request) -> web.Response:
+    return web.json_response({"scenarios": [s.schema() for s in scenarios.SCENARIOS.values()],
+                              "default": scenarios.DEFAULT_SCENARIO})
+
+
+async def list_tools(request: web.Request) -> web.Response:
+    return web.json_response({"tools": functions.schemas()})
 
 
 async def public_url(request: web.Request) -> web.Response:
@@ -149,8 +224,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     log.info("Callgate %s starting on %s:%d (public URL %s, %s)", VERSION, args.host, settings.port,
              settings.public_url, settings.env)
+    if not settings.openai_api_key:
+        log.warning("OPENAI_API_KEY is not set: calls are answered by the OFFLINE agent "
+                    "(it plays the caller's words back). Set OPENAI_API_KEY for the real model.")
+    if not settings.twilio_auth_token:
+        log.warning("TWILIO_AUTH_TOKEN is not set: Twilio requests are NOT signature-checked "
+                    "and calls are not hung up over REST. Never run like this in public.")
     web.run_app(create_app(settings), host=args.host, port=settings.port, print=None,
-                shutdown_timeout=30, access_log=None)
+                shutdown_timeout=90, access_log=None)
     return 0
 
 

@@ -11,6 +11,7 @@ from config import VARIABLES, ConfigError, Settings
 from conftest import ROOT
 
 STRONG_KEY = "k" * 40
+TWILIO = {"TWILIO_ACCOUNT_SID": "AC" + "0" * 32, "TWILIO_AUTH_TOKEN": "t" * 32}
 
 
 def test_defaults_follow_the_spec():
@@ -49,9 +50,15 @@ def test_production_requires_a_strong_phone_key():
                 {"PHONE_ENCRYPTION_KEY": "callgate-development-key-do-not-use-in-production"}):
         with pytest.raises(ConfigError, match="PHONE_ENCRYPTION_KEY"):
             Settings.from_env({"CALLGATE_ENV": "production", **env})
-    s = Settings.from_env({"CALLGATE_ENV": "production", "PHONE_ENCRYPTION_KEY": STRONG_KEY})
+    s = Settings.from_env({"CALLGATE_ENV": "production", "PHONE_ENCRYPTION_KEY": STRONG_KEY, **TWILIO})
     assert s.warnings == ()
     assert s.allowed_origins == ("http://localhost:8081",)
+
+
+def test_production_requires_twilio_credentials():
+    """CALLGATE_ENV=production refuses to run without Twilio credentials to check signatures."""
+    with pytest.raises(ConfigError, match="TWILIO_AUTH_TOKEN"):
+        Settings.from_env({"CALLGATE_ENV": "production", "PHONE_ENCRYPTION_KEY": STRONG_KEY})
 
 
 def test_secrets_never_show():

@@ -1,0 +1,372 @@
+"""One call's life: the Twilio media stream on one side, the model on the other.
+
+    run() → open the model (caller audio is buffered meanwhile) → session.update → wait for
+    session.updated → greeting → two pumps, caller_to_model and model_to_caller, plus the
+    time limit; the first of them to finish ends the call → finish(), exactly once.
+
+Barge-in: after each audio chunk sent to Twilio we send a named mark; Twilio echoes a mark
+when the audio before it has played, so echoed marks count the bytes actually heard per model
+item. When the caller starts speaking while marks are outstanding we send ``clear`` and
+truncate the playing item at min(played, produced) ms. Marks that Twilio echoes for the audio
+it cleared are ignored (they were dropped from the outstanding set).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from bridge import events, functions, realtime, twilio
+from bridge.model import ModelConnection, ModelConnector, ModelError
+from scenarios import Scenario
+
+log = logging.getLogger("callgate.call")
+
+PRE_READY_FRAMES = 500  # caller audio kept while the model opens: 10 s of 20 ms frames
+MAX_BAD_MODEL_FRAMES = 5  # a model that sends this many unreadable frames is broken
+CLOSE_TIMEOUT_S = 2.0
+DRAIN_TIMEOUT_S = 15.0  # longest wait for a goodbye to finish playing before hanging up
+WRAP_UP_MESSAGE = (
+    "The call's time is nearly up. Thank the caller, say goodbye in one short sentence, "
+    "and do not ask anything more."
+)
+
+
+@dataclass(frozen=True)
+class CallSetup:
+    call_sid: str
+    stream_sid: str
+    scenario: Scenario
+    config: dict[str, str]
+    voice: str
+
+
+@dataclass
+class CallServices:
+    """What a call needs from the application; one instance serves every call."""
+
+    connector: ModelConnector
+    bus: events.EventBus
+    hangup: Callable[[str], Awaitable[None]]      # REST hang-up; "already ended" is success
+    record_end: Callable[[str, str], Awaitable[None]]  # (call_sid, reason) into the calls table
+    session_duration_s: float = 300.0
+    wrap_up_s: float = 20.0
+    ready_timeout_s: float = 10.0
+    observe_frame: Callable[[str], None] = lambda direction: None
+
+
+@dataclass
+class _Playout:
+    """What the caller has heard of each model item, from echoed marks."""
+
+    outstanding: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # mark → (item, content, bytes)
+    played: collections.Counter = field(default_factory=collections.Counter)    # item → bytes heard
+    produced: collections.Counter = field(default_factory=collections.Counter)  # item → bytes sent
+    interrupted: set[str] = field(default_factory=set)  # items cut by barge-in: drop late deltas
+    seq: int = 0
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Call:
+    def __init__(self, twilio_ws: web.WebSocketResponse, setup: CallSetup, services: CallServices) -> None:
+        self.twilio_ws = twilio_ws
+        self.setup = setup
+        self.call_sid = setup.call_sid
+        self._services = services
+        self._bus = services.bus
+        self._model: ModelConnection | None = None
+        self._ready = False
+        self._pre_ready: collections.deque[str] = collections.deque(maxlen=PRE_READY_FRAMES)
+        self._playout = _Playout()
+        self._playout.drained.set()
+        self._end_requested = asyncio.Event()
+        self._end_after_playout: str | None = None
+        self.end_reason: str | None = None
+        self._finished = False
+        self.started = time.monotonic()
+
+    # --- the story ---------------------------------------------------------------------------
+
+    async def run(self) -> str:
+        """Run the call to its end; returns why it ended. Never raises for call failures."""
+        self._publish_status("connected")
+        caller = asyncio.create_task(self.caller_to_model(), name=f"{self.call_sid}:caller_to_model")
+        tasks: set[asyncio.Task] = {caller}
+        try:
+            opening = asyncio.create_task(self._open_model(), name=f"{self.call_sid}:open_model")
+            tasks.add(opening)
+            done, _ = await asyncio.wait({caller, opening}, return_when=asyncio.FIRST_COMPLETED)
+            if opening in done and opening.exception() is None:
+                tasks.discard(opening)
+                tasks |= {
+                    asyncio.create_task(self.model_to_caller(), name=f"{self.call_sid}:model_to_caller"),
+                    asyncio.create_task(self._time_limit(), name=f"{self.call_sid}:time_limit"),
+                    asyncio.create_task(self._end_requested.wait(), name=f"{self.call_sid}:end_request"),
+                }
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            elif opening in done:
+                self._set_reason("model_unavailable")
+                log.warning("call %s: model did not open: %s", self.call_sid, opening.exception())
+        finally:
+            for task in tasks:
+                task.cancel()
+            # Shielded: the call must be finalised even when the handler itself is cancelled.
+            await asyncio.shield(self._finish(tasks))
+        return self.end_reason or "ended"
+
+    def request_end(self, reason: str) -> None:
+        """End the call now (frontend call.end, shutdown)."""
+        self._set_reason(reason)
+        self._end_requested.set()
+
+    def request_end_after_playout(self, reason: str) -> None:
+        """End the call once the agent's current speech has played (the end_call tool)."""
+        self._end_after_playout = reason
+
+    def _set_reason(self, reason: str) -> None:
+        if self.end_reason is None:
+            self.end_reason = reason
+
+    # --- opening the model ----------------------------------------------------------------
+
+    async def _open_model(self) -> None:
+        async with asyncio.timeout(self._services.ready_timeout_s):
+            self._model = await self._services.connector.connect()
+            scenario = self.setup.scenario
+            frames = self._model.frames()
+            await self._expect(frames, "session.created")
+            await self._model.send(realtime.encode(realtime.session_update(
+                instructions=scenario.instructions(self.setup.config),
+                voice=self.setup.voice,
+                tools=functions.schemas(scenario.tools),
+            )))
+            await self._expect(frames, "session.updated")
+        self._frames = frames
+        # Greeting first, then the caller's buffered audio: the agent speaks first on a call.
+        greeting = scenario.greeting(self.setup.config)
+        await self._model.send(realtime.encode(realtime.response_create(
+            f"Greet the caller now with these words, then wait for them: {greeting}")))
+        while self._pre_ready:
+            await self._model.send(realtime.append_audio(self._pre_ready.popleft()))
+        self._ready = True
+        log.info("call %s: model ready (%s) after %.0f ms", self.call_sid, self._services.connector.name,
+                 (time.monotonic() - self.started) * 1000)
+
+    async def _expect(self, frames, wanted: str) -> None:
+        bad = 0
+        async for frame in frames:
+            event = realtime.decode(frame)
+            if event is None:
+                bad += 1
+                if bad >= MAX_BAD_MODEL_FRAMES:
+                    raise ModelError("model sends unreadable frames")
+                continue
+            if event["type"] == wanted:
+                return
+            if event["type"] == "error":
+                raise ModelError(f"model refused the session: {_error_text(event)}")
+        raise ModelError(f"model closed before {wanted}")
+
+    # --- caller → model -------------------------------------------------------------------
+
+    async def caller_to_model(self) -> None:
+        """Read Twilio's frames until ``stop`` or the socket closes."""
+        observe = self._services.observe_frame
+        async for msg in self.twilio_ws:
+            if msg.type != WSMsgType.TEXT:
+                if msg.type == WSMsgType.BINARY:
+                    log.warning("call %s: binary frame from Twilio ignored", self.call_sid)
+                continue
+            try:
+                event = twilio.parse(msg.data)
+            except twilio.ProtocolError as exc:
+                log.warning("call %s: bad Twilio frame: %s", self.call_sid, exc)
+                continue
+            if isinstance(event, twilio.Media):
+                if not realtime.is_base64(event.payload):
+                    continue
+                observe("caller_to_model")
+                if self._ready:
+                    await self._model.send(realtime.append_audio(event.payload))
+                else:
+                    self._pre_ready.append(event.payload)
+            elif isinstance(event, twilio.Mark):
+                self._on_mark(event.name)
+            elif isinstance(event, twilio.Dtmf):
+                log.info("call %s: caller pressed %s", self.call_sid, event.digit)
+                if self._ready:
+                    await self._model.send(realtime.encode(realtime.user_text(
+                        f"(The caller pressed the key {event.digit} on their keypad.)")))
+            elif isinstance(event, twilio.Stop):
+                self._set_reason("caller_hangup")
+                return
+        self._set_reason("stream_closed")
+
+    def _on_mark(self, name: str) -> None:
+        entry = self._playout.outstanding.pop(name, None)
+        if entry is None:
+            return  # echoed for audio we cleared, or not ours
+        item_id, _, nbytes = entry
+        self._playout.played[item_id] += nbytes
+        if not self._playout.outstanding:
+            self._playout.drained.set()
+
+    # --- model → caller -------------------------------------------------------------------
+
+    async def model_to_caller(self) -> None:
+        """Turn model events into audio for Twilio and call events for subscribers."""
+        bad = 0
+        try:
+            async for frame in self._frames:
+                event = realtime.decode(frame)
+                if event is None:
+                    bad += 1
+                    if bad >= MAX_BAD_MODEL_FRAMES:
+                        self._set_reason("model_failed")
+                        log.warning("call %s: model sends unreadable frames", self.call_sid)
+                        return
+                    continue
+                await self._on_model_event(event)
+        except ModelError as exc:
+            log.warning("call %s: %s", self.call_sid, exc)
+        self._set_reason("model_failed")
+
+    async def _on_model_event(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        if kind == "response.output_audio.delta":
+            await self._play(event)
+        elif kind == "input_audio_buffer.speech_started":
+            await self._barge_in()
+        elif kind == "response.output_audio_transcript.delta":
+            self._bus.publish(events.transcript_delta(self.call_sid, str(event.get("item_id", "")), "assistant",
+                                                      str(event.get("delta", ""))))
+        elif kind == "response.output_audio_transcript.done":
+            self._bus.publish(events.transcript_done(self.call_sid, str(event.get("item_id", "")), "assistant",
+                                                     str(event.get("transcript", ""))))
+        elif kind == "conversation.item.input_audio_transcription.delta":
+            self._bus.publish(events.transcript_delta(self.call_sid, str(event.get("item_id", "")), "user",
+                                                      str(event.get("delta", ""))))
+        elif kind == "conversation.item.input_audio_transcription.completed":
+            self._bus.publish(events.transcript_done(self.call_sid, str(event.get("item_id", "")), "user",
+                                                     str(event.get("transcript", ""))))
+        elif kind == "response.output_item.done":
+            item = event.get("item") or {}
+            if item.get("type") == "function_call":
+                await self._run_function(item)
+        elif kind == "response.done":
+            if self._end_after_playout:
+                asyncio.get_running_loop().create_task(self._end_when_played(self._end_after_playout))
+        elif kind == "error":
+            if (event.get("error") or {}).get("code") not in realtime.BENIGN_ERROR_CODES:
+                log.warning("call %s: model error: %s", self.call_sid, _error_text(event))
+
+    async def _play(self, event: dict[str, Any]) -> None:
+        item_id = event.get("item_id")
+        payload = event.get("delta")
+        if not isinstance(item_id, str) or not isinstance(payload, str) or item_id in self._playout.interrupted:
+            return
+        if not realtime.is_base64(payload) or not twilio.safe_id(item_id):
+            log.warning("call %s: malformed audio delta dropped", self.call_sid)
+            return
+        nbytes = realtime.base64_len(payload)
+        p = self._playout
+        p.seq += 1
+        name = f"{item_id}.{p.seq}"
+        p.produced[item_id] += nbytes
+        p.outstanding[name] = (item_id, int(event.get("content_index", 0) or 0), nbytes)
+        p.drained.clear()
+        stream_sid = self.setup.stream_sid
+        await self.twilio_ws.send_str(twilio.media(stream_sid, payload))
+        await self.twilio_ws.send_str(twilio.mark(stream_sid, name))
+        self._services.observe_frame("model_to_caller")
+
+    async def _barge_in(self) -> None:
+        p = self._playout
+        if not p.outstanding:
+            return  # nothing is playing: the caller is just speaking
+        item_id, content_index, _ = next(iter(p.outstanding.values()))
+        heard_ms = min(p.played[item_id], p.produced[item_id]) // 8  # μ-law: 8 bytes a ms
+        p.outstanding.clear()
+        p.interrupted.add(item_id)
+        p.drained.set()
+        await self.twilio_ws.send_str(twilio.clear(self.setup.stream_sid))
+        await self._model.send(realtime.encode(realtime.truncate(item_id, content_index, heard_ms)))
+        log.info("call %s: barge-in, %s truncated at %d ms", self.call_sid, item_id, heard_ms)
+
+    async def _run_function(self, item: dict[str, Any]) -> None:
+        name, call_id = str(item.get("name", "")), item.get("call_id")
+        if not isinstance(call_id, str):
+            return
+        arguments = item.get("arguments") if isinstance(item.get("arguments"), str) else "{}"
+        output = await functions.run(name, arguments, _ToolContext(self))
+        await self._model.send(realtime.encode(realtime.function_output(call_id, output)))
+        await self._model.send(realtime.encode(realtime.response_create()))
+        self._bus.publish(events.function_call(self.call_sid, name, arguments, output))
+
+    async def _end_when_played(self, reason: str) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                await self._playout.drained.wait()
+        self.request_end(reason)
+
+    # --- the time limit ---------------------------------------------------------------------
+
+    async def _time_limit(self) -> None:
+        s = self._services
+        await asyncio.sleep(max(s.session_duration_s - s.wrap_up_s, 0))
+        log.info("call %s: time nearly up, asking the agent to wrap up", self.call_sid)
+        await self._model.send(realtime.encode(realtime.system_text(WRAP_UP_MESSAGE)))
+        await self._model.send(realtime.encode(realtime.response_create()))
+        await asyncio.sleep(min(s.wrap_up_s, s.session_duration_s))
+        self._set_reason("time_limit")
+
+    # --- the end ----------------------------------------------------------------------------
+
+    async def _finish(self, tasks: set[asyncio.Task]) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        await asyncio.gather(*tasks, return_exceptions=True)
+        reason = self.end_reason or "ended"
+        if self._model is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await self._model.close()
+        if not self.twilio_ws.closed:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await self.twilio_ws.close()
+        # Also after a caller hang-up: cheap, and "already ended" counts as success.
+        with contextlib.suppress(Exception):
+            await self._services.hangup(self.call_sid)
+        with contextlib.suppress(Exception):
+            await self._services.record_end(self.call_sid, reason)
+        self._publish_status("ended", reason)
+        log.info("call %s ended: %s after %.1f s", self.call_sid, reason, time.monotonic() - self.started)
+
+    def _publish_status(self, status: str, reason: str | None = None) -> None:
+        self._bus.publish(events.status_changed(self.call_sid, status, reason))
+
+
+class _ToolContext:
+    """What a function tool may see and do of its call."""
+
+    def __init__(self, call: Call) -> None:
+        self._call = call
+        self.call_sid = call.call_sid
+
+    def request_end(self, reason: str) -> None:
+        self._call.request_end_after_playout(reason)
+
+
+def _error_text(event: dict[str, Any]) -> str:
+    error = event.get("error") or {}
+    return f"{error.get('code') or error.get('type')}: {error.get('message', '')}"[:300]

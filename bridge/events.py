@@ -1,0 +1,129 @@
+"""Typed call events (SPEC §6) and the in-process bus that carries them to subscribers.
+
+The bus never waits for a subscriber: each has a bounded queue, and one that falls behind is
+marked overflowed and dropped (its owner disconnects it). A call therefore never slows down
+because a browser is slow. Raw model events and audio never enter the bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+log = logging.getLogger("callgate.events")
+
+Event = dict[str, Any]
+
+# Statuses in the order a call moves through them; every final one ranks 100.
+STATUS_RANK = {"queued": 0, "ringing": 10, "in-progress": 20, "connected": 30}
+FINAL_STATUSES = ("ended", "busy", "no-answer", "failed", "canceled")
+STATUS_RANK.update({s: 100 for s in FINAL_STATUSES})
+
+# Twilio's CallStatus values → ours.
+TWILIO_STATUS = {
+    "queued": "queued", "initiated": "queued", "ringing": "ringing", "in-progress": "in-progress",
+    "answered": "in-progress", "completed": "ended", "busy": "busy", "no-answer": "no-answer",
+    "failed": "failed", "canceled": "canceled",
+}
+
+
+def status_changed(call_sid: str, status: str, reason: str | None = None) -> Event:
+    event: Event = {"type": "call.status_changed", "callSid": call_sid, "status": status}
+    if reason:
+        event["reason"] = reason
+    return event
+
+
+def transcript_delta(call_sid: str, item_id: str, role: str, delta: str) -> Event:
+    return {"type": "transcript.delta", "callSid": call_sid, "itemId": item_id, "role": role, "delta": delta}
+
+
+def transcript_done(call_sid: str, item_id: str, role: str, text: str) -> Event:
+    return {"type": "transcript.done", "callSid": call_sid, "itemId": item_id, "role": role, "text": text}
+
+
+def function_call(call_sid: str, name: str, arguments: str, output: str) -> Event:
+    return {"type": "function_call", "callSid": call_sid, "name": name, "arguments": arguments, "output": output}
+
+
+class Subscription:
+    """One subscriber's view: a bounded queue of events. ``overflowed`` is set (and no more
+    events are queued) when it fell ``maxsize`` events behind."""
+
+    def __init__(self, bus: EventBus, call_sid: str | None, maxsize: int) -> None:
+        self._bus = bus
+        self.call_sid = call_sid
+        self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize)
+        self.overflowed = asyncio.Event()
+
+    def offer(self, event: Event) -> None:
+        if self.overflowed.is_set():
+            return
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.overflowed.set()
+            log.warning("subscriber fell %d events behind on %s: dropped", self.queue.maxsize,
+                        self.call_sid or "all calls")
+
+    async def get(self) -> Event:
+        return await self.queue.get()
+
+    def close(self) -> None:
+        self._bus._remove(self)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._by_call: dict[str, set[Subscription]] = {}
+        self._all: set[Subscription] = set()
+        self._status: dict[str, Event] = {}
+
+    def publish(self, event: Event) -> None:
+        call_sid = event["callSid"]
+        if event["type"] == "call.status_changed":
+            self._status[call_sid] = event
+            if event["status"] in FINAL_STATUSES:
+                # Keep the final status for late subscribers, bounded by a simple cap.
+                if len(self._status) > 10_000:
+                    for sid in list(self._status)[:1000]:
+                        self._status.pop(sid, None)
+        for sub in self._subscribers(call_sid):
+            sub.offer(event)
+
+    def _subscribers(self, call_sid: str) -> Iterator[Subscription]:
+        yield from self._by_call.get(call_sid, ())
+        yield from self._all
+
+    def subscribe(self, call_sid: str | None = None, maxsize: int = 256) -> Subscription:
+        """Events of one call (or, with None, of every call) from now on, starting with the
+        call's current status when it has one."""
+        sub = Subscription(self, call_sid, maxsize)
+        if call_sid is None:
+            self._all.add(sub)
+        else:
+            self._by_call.setdefault(call_sid, set()).add(sub)
+            if call_sid in self._status:
+                sub.offer(self._status[call_sid])
+        return sub
+
+    def current_status(self, call_sid: str) -> Event | None:
+        return self._status.get(call_sid)
+
+    def _remove(self, sub: Subscription) -> None:
+        if sub.call_sid is None:
+            self._all.discard(sub)
+            return
+        subs = self._by_call.get(sub.call_sid)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._by_call[sub.call_sid]

@@ -1,0 +1,86 @@
+"""The model side of a call: one connection per call, speaking Realtime GA events as text.
+
+``RealtimeConnector`` opens a ``websockets`` client connection to OpenAI (or to a peer at
+``OPENAI_REALTIME_URL``); ``offline.OfflineConnector`` answers locally behind the same
+interface. A ``ModelConnection`` sends text frames, yields received frames until the peer
+closes (ending quietly on a clean close, raising ``ModelError`` on a broken one), and closes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Protocol
+from urllib.parse import urlencode
+
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+
+log = logging.getLogger("callgate.model")
+
+OPEN_TIMEOUT_S = 10.0
+MAX_FRAME_BYTES = 4 * 1024 * 1024  # an audio delta is a few KiB; this bounds a broken peer
+
+
+class ModelError(Exception):
+    """The model connection could not be opened, or broke."""
+
+
+class ModelConnection(Protocol):
+    async def send(self, frame: str) -> None: ...
+
+    def frames(self) -> AsyncIterator[str | bytes]: ...
+
+    async def close(self) -> None: ...
+
+
+class ModelConnector(Protocol):
+    name: str
+
+    async def connect(self) -> ModelConnection: ...
+
+
+class RealtimeConnection:
+    def __init__(self, ws: ClientConnection) -> None:
+        self._ws = ws
+
+    async def send(self, frame: str) -> None:
+        try:
+            await self._ws.send(frame)
+        except websockets.ConnectionClosed as exc:
+            raise ModelError(f"model connection closed ({exc.rcvd.code if exc.rcvd else 'no close frame'})") from exc
+
+    async def frames(self) -> AsyncIterator[str | bytes]:
+        try:
+            async for frame in self._ws:
+                yield frame
+        except websockets.ConnectionClosedError as exc:
+            raise ModelError(f"model connection broke ({exc.rcvd.code if exc.rcvd else 'no close frame'})") from exc
+
+    async def close(self) -> None:
+        await self._ws.close()
+
+
+class RealtimeConnector:
+    name = "openai-realtime"
+
+    def __init__(self, url: str, model: str, api_key: str, open_timeout: float = OPEN_TIMEOUT_S) -> None:
+        self._url = f"{url}?{urlencode({'model': model})}"
+        self._headers = {"Authorization": f"Bearer {api_key}"}
+        self._open_timeout = open_timeout
+
+    async def connect(self) -> RealtimeConnection:
+        try:
+            ws = await connect(
+                self._url,
+                additional_headers=self._headers,
+                open_timeout=self._open_timeout,
+                max_size=MAX_FRAME_BYTES,
+                ping_interval=20,
+                ping_timeout=20,
+                close_timeout=2,
+                compression=None,  # audio is base64 noise to deflate: pure CPU cost
+            )
+        except (OSError, TimeoutError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
+            raise ModelError(f"could not open the model connection: {type(exc).__name__}: {exc}") from exc
+        return RealtimeConnection(ws)

@@ -1,0 +1,105 @@
+"""OpenAI Realtime (GA) wire format: the client events we send, and the facts we need from
+the server events we receive. Pure: no I/O.
+
+GA shape: ``session.type`` is ``"realtime"``; audio formats live under ``session.audio.input``
+and ``session.audio.output``; server audio arrives as ``response.output_audio.delta``. We keep
+μ-law end to end (``audio/pcmu``), so nothing is resampled.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import orjson
+
+# Error codes that are expected around barge-in and need no action.
+BENIGN_ERROR_CODES = frozenset({
+    "response_cancel_not_active",
+    "conversation_already_has_active_response",
+})
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+PCMU = {"type": "audio/pcmu"}
+
+
+def session_update(*, instructions: str, voice: str, tools: list[dict[str, Any]],
+                   transcription_model: str = "gpt-4o-mini-transcribe") -> dict[str, Any]:
+    return {
+        "type": "session.update",
+        "session": {
+            "type": "realtime",
+            "instructions": instructions,
+            "output_modalities": ["audio"],
+            "audio": {
+                "input": {
+                    "format": PCMU,
+                    "transcription": {"model": transcription_model},
+                    "turn_detection": {"type": "server_vad", "create_response": True, "interrupt_response": True},
+                },
+                "output": {"format": PCMU, "voice": voice},
+            },
+            "tools": tools,
+            "tool_choice": "auto" if tools else "none",
+        },
+    }
+
+
+def append_audio(payload: str) -> str:
+    """``input_audio_buffer.append`` as text: built by hand, it runs 50 times a second per call
+    and ``payload`` is base64 from Twilio (checked by the caller), which needs no escaping."""
+    return '{"type":"input_audio_buffer.append","audio":"' + payload + '"}'
+
+
+def is_base64(text: str) -> bool:
+    return _BASE64.fullmatch(text) is not None
+
+
+def response_create(instructions: str | None = None) -> dict[str, Any]:
+    if instructions is None:
+        return {"type": "response.create"}
+    return {"type": "response.create", "response": {"instructions": instructions}}
+
+
+def truncate(item_id: str, content_index: int, audio_end_ms: int) -> dict[str, Any]:
+    return {"type": "conversation.item.truncate", "item_id": item_id,
+            "content_index": content_index, "audio_end_ms": audio_end_ms}
+
+
+def function_output(call_id: str, output: str) -> dict[str, Any]:
+    return {"type": "conversation.item.create",
+            "item": {"type": "function_call_output", "call_id": call_id, "output": output}}
+
+
+def user_text(text: str) -> dict[str, Any]:
+    return {"type": "conversation.item.create",
+            "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}}
+
+
+def system_text(text: str) -> dict[str, Any]:
+    return {"type": "conversation.item.create",
+            "item": {"type": "message", "role": "system", "content": [{"type": "input_text", "text": text}]}}
+
+
+def encode(event: dict[str, Any]) -> str:
+    return orjson.dumps(event).decode()
+
+
+def decode(frame: str | bytes) -> dict[str, Any] | None:
+    """A server frame → its event dict, or None when it is not a JSON object with a type."""
+    try:
+        event = orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        return None
+    return event
+
+
+def base64_len(payload: str) -> int:
+    """Decoded byte count of a base64 string, without decoding it."""
+    n = len(payload)
+    if n == 0:
+        return 0
+    return n * 3 // 4 - (2 if payload.endswith("==") else 1 if payload.endswith("=") else 0)

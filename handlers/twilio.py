@@ -1,0 +1,253 @@
+"""Twilio's edges: the voice webhook (``/twiml``), the status callback (``/twilio/status``) and
+the Media Stream WebSocket (``/call``).
+
+Every request from Twilio is checked against ``X-Twilio-Signature`` when an auth token is set,
+over the URL Twilio used (``PUBLIC_URL`` + path + query: behind a proxy our own view of the
+URL differs). A missing or bad signature is a 403, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+import orjson
+from aiohttp import WSMsgType, web
+from twilio.request_validator import RequestValidator
+from twilio.twiml.voice_response import Connect, VoiceResponse
+
+import scenarios
+from appkeys import BUS, CALL_SERVICES, CALL_STORE, CALLS, LIFECYCLE, LIMITER, METRICS, SETTINGS, TOKEN_SECRET
+from bridge import events, tokens
+from bridge import twilio as wire
+from bridge.call import Call, CallSetup
+from db.calls import CallStoreUnavailable
+from limiter.errors import InvalidNumber
+
+log = logging.getLogger("callgate.twilio")
+
+START_TIMEOUT_S = 5.0         # a stream must send a valid `start` this soon
+MAX_STREAM_FRAME = 64 * 1024  # a media frame is ~300 bytes; start carries our parameters
+REFUND_STATUSES = frozenset({"busy", "no-answer", "failed", "canceled"})
+
+# What the caller hears when we will not take the call.
+SAY_LIMITED = "Sorry, this number has reached its call limit. Please try again in about {wait}."
+SAY_REFUSED = "Sorry, we cannot take calls from this number."
+SAY_BUSY = "Sorry, we cannot take your call right now. Please try again in a few minutes."
+
+
+# --- signatures -----------------------------------------------------------------------------
+
+
+def public_url_for(request: web.Request, path_qs: str | None = None) -> str:
+    return request.app[SETTINGS].public_url + (request.path_qs if path_qs is None else path_qs)
+
+
+def stream_url(public_url: str) -> str:
+    """The Media Stream URL given to Twilio: wss:// for an https PUBLIC_URL (ws:// in development)."""
+    parts = urlsplit(public_url)
+    scheme = "wss" if parts.scheme == "https" else "ws"
+    return f"{scheme}://{parts.netloc}{parts.path.rstrip('/')}/call"
+
+
+def check_signature(request: web.Request, url: str, params: Mapping[str, str]) -> None:
+    """Raise 403 unless the request carries Twilio's signature for ``url`` + ``params``."""
+    token = request.app[SETTINGS].twilio_auth_token
+    if not token:
+        return  # development without an auth token: announced at start
+    signature = request.headers.get("X-Twilio-Signature")
+    if not signature:
+        raise web.HTTPForbidden(text="missing X-Twilio-Signature")
+    if not RequestValidator(token.value).validate(url, params, signature):
+        raise web.HTTPForbidden(text="X-Twilio-Signature does not match")
+
+
+# --- the voice webhook ----------------------------------------------------------------------
+
+
+def _twiml(response: VoiceResponse) -> web.Response:
+    return web.Response(text=str(response), content_type="text/xml")
+
+
+def _say_and_hang_up(text: str) -> web.Response:
+    response = VoiceResponse()
+    response.say(text)
+    response.hangup()
+    return _twiml(response)
+
+
+def _wait_words(reset_ms: int) -> str:
+    minutes = max(1, math.ceil((reset_ms - time.time() * 1000) / 60_000))
+    if minutes < 90:
+        return f"{minutes} minute{'s' if minutes != 1 else ''}"
+    return f"{round(minutes / 60)} hours"
+
+
+async def twiml(request: web.Request) -> web.Response:
+    """Voice webhook: charge the call to its number, then connect it to the agent or refuse it."""
+    app = request.app
+    form = await request.post() if request.method == "POST" else {}
+    check_signature(request, public_url_for(request), form)
+    fields = form if request.method == "POST" else request.query
+    call_sid = fields.get("CallSid", "")
+    if not wire.safe_id(call_sid):
+        raise web.HTTPBadRequest(text="CallSid is missing or malformed")
+    if app[LIFECYCLE].draining:
+        return _say_and_hang_up(SAY_BUSY)
+
+    direction = fields.get("Direction", "inbound")
+    number = fields.get("To" if direction == "outbound-api" else "From", "")
+    # An outbound call placed by call.start was charged under its reservation id, which its
+    # (signed) webhook URL carries; any other call is charged under its CallSid.
+    charge_id = request.query.get("charge") or call_sid
+    limiter = app[LIMITER]
+    try:
+        phone = limiter.parse(number)
+    except InvalidNumber as exc:
+        log.info("webhook %s refused: %s", call_sid, exc.code)
+        return _say_and_hang_up(SAY_REFUSED)
+    decision = await limiter.hit(phone, charge_id)
+    if not decision.allowed:
+        log.info("webhook %s for %s refused: %s", call_sid, phone.masked, decision.reason)
+        if decision.reason in ("limit_reached", "cooldown"):
+            return _say_and_hang_up(SAY_LIMITED.format(wait=_wait_words(decision.reset_time)))
+        return _say_and_hang_up(SAY_BUSY)
+
+    try:
+        scenario = scenarios.get(request.query.get("scenario"))
+        config = scenario.validate({})
+    except scenarios.ScenarioError as exc:
+        log.error("webhook %s: %s (check the webhook URL's ?scenario=)", call_sid, exc)
+        return _say_and_hang_up(SAY_BUSY)
+    try:
+        await app[CALL_STORE].record(call_sid, charge_id, direction, phone.region, scenario.id)
+    except CallStoreUnavailable:
+        log.warning("webhook %s: call record not written (database unavailable)", call_sid)
+    params = {"scenarioId": scenario.id, "config": orjson.dumps(config).decode(), "voice": scenario.default_voice}
+    token = tokens.mint(app[TOKEN_SECRET], call_sid, params)
+    response = VoiceResponse()
+    connect = Connect()
+    stream = connect.stream(url=stream_url(app[SETTINGS].public_url))
+    for name, value in {**params, tokens.TOKEN_PARAMETER: token}.items():
+        stream.parameter(name=name, value=value)
+    response.append(connect)
+    log.info("webhook %s (%s, %s): connecting to %s", call_sid, direction, phone.masked, scenario.id)
+    return _twiml(response)
+
+
+# --- status callbacks -----------------------------------------------------------------------
+
+
+async def status_callback(request: web.Request) -> web.Response:
+    """Twilio status callback: publish the change; refund a call that never connected.
+    Duplicates and late arrivals are harmless: statuses only move forward, refunds happen once."""
+    app = request.app
+    form = await request.post()
+    check_signature(request, public_url_for(request), form)
+    call_sid = form.get("CallSid", "")
+    status = events.TWILIO_STATUS.get(form.get("CallStatus", ""))
+    if not wire.safe_id(call_sid) or status is None:
+        raise web.HTTPBadRequest(text="CallSid or CallStatus is missing or unknown")
+    store = app[CALL_STORE]
+    try:
+        changed = await store.set_status(call_sid, status, events.STATUS_RANK[status])
+        charge_id = await store.claim_refund(call_sid) if status in REFUND_STATUSES else None
+    except CallStoreUnavailable:
+        # Without the record we still know the charge id of a call charged under its CallSid;
+        # the limiter refunds idempotently and writes back later if it must.
+        changed, charge_id = True, (request.query.get("charge") or call_sid) if status in REFUND_STATUSES else None
+    if changed:
+        app[BUS].publish(events.status_changed(call_sid, status))
+    if charge_id is not None:
+        await app[LIMITER].refund(charge_id)
+        log.info("call %s %s: charge refunded", call_sid, status)
+    return web.Response(status=204)
+
+
+# --- the media stream -----------------------------------------------------------------------
+
+
+async def _read_start(ws: web.WebSocketResponse) -> wire.Start | None:
+    """The stream's `start` (after `connected`), or None if the socket sends anything else."""
+    async with asyncio.timeout(START_TIMEOUT_S):
+        async for msg in ws:
+            if msg.type != WSMsgType.TEXT:
+                return None
+            try:
+                event = wire.parse(msg.data)
+            except wire.ProtocolError:
+                return None
+            if isinstance(event, wire.Connected):
+                continue
+            return event if isinstance(event, wire.Start) else None
+    return None
+
+
+async def media_stream(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    settings = app[SETTINGS]
+    check_signature(request, stream_url(settings.public_url), {})
+    ws = web.WebSocketResponse(max_msg_size=MAX_STREAM_FRAME, compress=False, heartbeat=None)
+    await ws.prepare(request)
+    try:
+        start = await _read_start(ws)
+    except TimeoutError:
+        start = None
+    if start is None:
+        await ws.close(code=1008, message=b"expected a valid start message")
+        return ws
+    try:
+        setup = await _admit_stream(app, start)
+    except _Refused as exc:
+        log.warning("stream for %s refused: %s", start.call_sid, exc)
+        await ws.close(code=1008, message=str(exc).encode()[:120])
+        return ws
+
+    call = Call(ws, setup, app[CALL_SERVICES])
+    app[CALLS][setup.call_sid] = call
+    app[LIFECYCLE].active_calls += 1
+    app[METRICS].active_calls.inc()
+    log.info("call %s: stream %s started (%s)", setup.call_sid, setup.stream_sid, setup.scenario.id)
+    try:
+        reason = await call.run()
+    finally:
+        app[LIFECYCLE].active_calls -= 1
+        app[METRICS].active_calls.dec()
+        if app[CALLS].get(setup.call_sid) is call:
+            del app[CALLS][setup.call_sid]
+    app[METRICS].calls.labels(reason).inc()
+    return ws
+
+
+class _Refused(Exception):
+    pass
+
+
+async def _admit_stream(app: web.Application, start: wire.Start) -> CallSetup:
+    """Check the start's token and parameters; spend the token; build the call's setup."""
+    if not wire.safe_id(start.stream_sid) or not wire.safe_id(start.call_sid):
+        raise _Refused("malformed streamSid or callSid")
+    params = start.custom_parameters
+    try:
+        claims = tokens.verify(app[TOKEN_SECRET], params.get(tokens.TOKEN_PARAMETER), start.call_sid, params)
+    except tokens.TokenError as exc:
+        raise _Refused(str(exc)) from None
+    try:
+        first = await app[CALL_STORE].spend_token(claims.jti)
+    except CallStoreUnavailable:
+        # Fail open on this instance only: the token still expires within minutes.
+        first = claims.jti not in app[LIFECYCLE].spent_tokens
+        app[LIFECYCLE].spent_tokens.add(claims.jti)
+    if not first:
+        raise _Refused("stream token already used")
+    try:
+        scenario = scenarios.get(params.get("scenarioId"))
+        config = scenario.validate(orjson.loads(params.get("config") or "{}"))
+        voice = scenario.voice(params.get("voice"))
+    except (scenarios.ScenarioError, orjson.JSONDecodeError) as exc:
+        raise _Refused(f"bad stream parameters: {exc}") from None
+    return CallSetup(start.call_sid, start.stream_sid, scenario, config, voice)

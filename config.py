@@ -45,7 +45,7 @@ class Secret:
         return bool(self.value)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and secrets.compare_digest(self.value, other.value)
+        return isinstance(other, Secret) and secrets.compare_digest(self.value.encode(), other.value.encode())
 
     def __hash__(self) -> int:
         return hash(self.value)
@@ -288,6 +288,11 @@ class Settings:
             raise ConfigError(
                 "TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN must be set when CALLGATE_ENV=production "
                 "(without them Twilio's requests cannot be verified)"
+            )
+        if self.phone_cooldown_ms > self.phone_window_ms:
+            raise ConfigError(
+                f"RATE_LIMIT_PHONE_COOLDOWN_MS={self.phone_cooldown_ms} is longer than "
+                f"RATE_LIMIT_PHONE_WINDOW_MS={self.phone_window_ms}; the cooldown is measured within the window"
             )
         if any(not k.value for k in self.phone_previous_keys):
             raise ConfigError("PHONE_ENCRYPTION_PREVIOUS_KEYS has an empty key")

@@ -22,14 +22,17 @@ from db.migrate import migrate
 
 log = logging.getLogger("callgate.db")
 
-# Server-side bounds, so a stuck statement or lock wait ends on the server too, not only in
-# our client timeout. Kept a little above LIMITER_TIMEOUT_MS's usual value.
-SERVER_SETTINGS = {
-    "application_name": "callgate",
-    "statement_timeout": "5000",
-    "lock_timeout": "2000",
-    "idle_in_transaction_session_timeout": "10000",
-}
+
+def server_settings(client_timeout_ms: int) -> dict[str, str]:
+    """Server-side bounds, so a stuck statement or lock wait ends on the server too, not only
+    in our client timeout. Just under the client's: a statement the client gave up on is
+    cancelled by the server soon after, which narrows the window for a ghost write."""
+    return {
+        "application_name": "callgate",
+        "statement_timeout": str(max(client_timeout_ms - 50, 100)),
+        "lock_timeout": str(max(client_timeout_ms // 2, 50)),
+        "idle_in_transaction_session_timeout": "10000",
+    }
 
 
 @dataclass
@@ -43,14 +46,14 @@ class Database:
         return "embedded" if self.embedded else "external"
 
 
-async def create_pool(dsn: str, size: int) -> asyncpg.Pool:
+async def create_pool(dsn: str, size: int, client_timeout_ms: int = 2000) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         dsn,
         min_size=1,
         max_size=size,
-        command_timeout=10,
+        command_timeout=max(client_timeout_ms / 1000 * 2, 1),
         timeout=5,  # connection establishment
-        server_settings=SERVER_SETTINGS,
+        server_settings=server_settings(client_timeout_ms),
     )
 
 
@@ -63,7 +66,7 @@ async def open_database(settings: Settings, *, apply_migrations: bool = True) ->
         log.info("no DATABASE_URL: starting the embedded PostgreSQL (data in %s)", embedded.data_dir)
         dsn = await asyncio.to_thread(embedded.start)
     try:
-        pool = await create_pool(dsn, settings.pool_size)
+        pool = await create_pool(dsn, settings.pool_size, settings.limiter_timeout_ms)
         try:
             if apply_migrations:
                 async with pool.acquire() as conn:

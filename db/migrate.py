@@ -22,6 +22,9 @@ MIGRATION_LOCK = 0x43414C4C47415445  # "CALLGATE"
 async def migrate(conn: asyncpg.Connection) -> list[str]:
     """Apply the migrations not yet applied; returns their names."""
     applied_now: list[str] = []
+    # Pool connections carry short lock and statement timeouts for the call path; waiting for
+    # another instance's migrations, or a long migration, must not trip them.
+    await conn.execute("SET lock_timeout = 0; SET statement_timeout = 0")
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
     try:
         await conn.execute(
@@ -39,4 +42,5 @@ async def migrate(conn: asyncpg.Connection) -> list[str]:
             applied_now.append(name)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+        await conn.execute("RESET lock_timeout; RESET statement_timeout")
     return applied_now

@@ -27,6 +27,7 @@ from bridge import twilio as wire
 from bridge.call import Call, CallSetup
 from db.calls import CallStoreUnavailable
 from limiter.errors import InvalidNumber
+from limiter.limiter import CHARGE_ID
 
 log = logging.getLogger("callgate.twilio")
 
@@ -104,6 +105,8 @@ async def twiml(request: web.Request) -> web.Response:
     # An outbound call placed by call.start was charged under its reservation id, which its
     # (signed) webhook URL carries; any other call is charged under its CallSid.
     charge_id = request.query.get("charge") or call_sid
+    if not CHARGE_ID.fullmatch(charge_id):
+        raise web.HTTPBadRequest(text="charge must be 1-64 letters, digits or _.:-")
     limiter = app[LIMITER]
     try:
         phone = limiter.parse(number)
@@ -160,6 +163,8 @@ async def status_callback(request: web.Request) -> web.Response:
         # Without the record we still know the charge id of a call charged under its CallSid;
         # the limiter refunds idempotently and writes back later if it must.
         changed, charge_id = True, (request.query.get("charge") or call_sid) if status in REFUND_STATUSES else None
+        if charge_id is not None and not CHARGE_ID.fullmatch(charge_id):
+            charge_id = None
     if changed:
         app[BUS].publish(events.status_changed(call_sid, status))
     if charge_id is not None:

@@ -1,9 +1,9 @@
 """The per-phone-number limiter: hit (charge), test (read), refund, cleanup.
 
 A decision is one statement (``sql/limiter_hit.sql``) through one pooled connection, on the
-database's clock. Every database call is bounded (``LIMITER_TIMEOUT_MS`` covers the pool
-acquire and the statement); when PostgreSQL is away the fail mode decides, and asyncpg's
-errors never leave this module.
+database's clock. Every public call is bounded by one deadline (``LIMITER_TIMEOUT_MS``: pool
+acquire, statements, release, waiting for a write-back); when PostgreSQL is away the fail
+mode decides, and asyncpg's errors never leave this module.
 """
 
 from __future__ import annotations
@@ -11,15 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
 from db.sql import Queries
-from limiter.errors import InvalidNumber, LimiterUnavailable
+from limiter.errors import InvalidNumber, LimiterError, LimiterUnavailable
 from limiter.memory import MemoryLog
 from limiter.phone import PhoneKeyer, PhoneNumber, parse
 from limiter.rules import Decision, Rules, refused, summarize
@@ -31,10 +32,34 @@ CLEANUP_BATCH = 1000
 # Charge ids stay idempotent this long after their window (a webhook replayed the next day
 # still charges nothing).
 CHARGE_RETENTION_MS = 24 * 3600 * 1000
+CHARGE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
-# What "PostgreSQL is away" looks like from asyncpg: server errors (shutdown, statement or
-# lock timeouts, too many connections), a broken or closed connection, the socket, a timeout.
-_UNAVAILABLE = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
+# What "PostgreSQL is away" looks like from asyncpg: the connection cannot be made or broke,
+# the server is shutting down, out of connections or resources, or did not answer in time.
+# Anything else (a constraint, a bad parameter) is a bug, never an outage.
+_AWAY = (
+    asyncpg.PostgresConnectionError,      # SQLSTATE 08: connection exceptions
+    asyncpg.CannotConnectNowError,        # 57P03: starting up
+    asyncpg.AdminShutdownError,           # 57P01
+    asyncpg.CrashShutdownError,           # 57P02
+    asyncpg.InsufficientResourcesError,   # 53: too many connections, out of memory or disk
+    asyncpg.QueryCanceledError,           # 57014: statement_timeout
+    asyncpg.LockNotAvailableError,        # 55P03: lock_timeout
+    asyncpg.InterfaceError,               # the connection closed under us
+    OSError,
+    TimeoutError,
+)
+_RETRY_ONCE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+
+
+class _Deadline:
+    """One time budget shared by every step of a public call."""
+
+    def __init__(self, seconds: float) -> None:
+        self._end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self._end - time.monotonic()
 
 
 @dataclass(frozen=True)
@@ -66,7 +91,8 @@ class Limiter:
         if fail_mode not in FAIL_MODES:
             raise ValueError(f"fail_mode must be one of {FAIL_MODES}, not {fail_mode!r}")
         queries.require("limiter_hit", "limiter_status", "limiter_refund", "limiter_refund_at",
-                        "limiter_rekey", "limiter_cleanup", "limiter_reset", "admin_stats")
+                        "limiter_rekey", "limiter_rekey_charges", "limiter_cleanup", "limiter_reset",
+                        "admin_stats")
         self._pool = pool
         self._q = queries
         self._keyer = keyer
@@ -78,7 +104,8 @@ class Limiter:
         self._observe = observe or (lambda op, decision, seconds: None)
         self.memory = MemoryLog()
         self.database_ok = True
-        self._flush_lock = asyncio.Lock()
+        # Serialises writing back with refunds, so a refund never lands before the charge it undoes.
+        self._writeback = asyncio.Lock()
 
     # --- numbers ---------------------------------------------------------------------------
 
@@ -90,49 +117,89 @@ class Limiter:
         fixed = self._clock()
         return fixed if fixed is not None else int(time.time() * 1000)
 
-    def _refuse_invalid(self, exc: InvalidNumber) -> Decision:
-        return refused(self.rules, self._local_now(), exc.code, exc.message, "validation")
+    @staticmethod
+    def _check_charge_id(charge_id: object) -> str:
+        if not isinstance(charge_id, str) or not CHARGE_ID.fullmatch(charge_id):
+            raise LimiterError(f"charge id must be 1-64 letters, digits or _.:- (got {charge_id!r:.80})")
+        return charge_id
 
     # --- the database edge -----------------------------------------------------------------
 
-    async def _fetchrow(self, query: str, *args: Any) -> asyncpg.Record:
-        """One statement, bounded in time; asyncpg's failures become LimiterUnavailable."""
-        return await self._run(query, args, many=False)
+    async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[Any]], deadline: _Deadline) -> Any:
+        """Run ``work`` on a pooled connection within the deadline.
 
-    async def _run(self, query: str, args: tuple, *, many: bool) -> Any:
+        Raises LimiterUnavailable (``sent`` tells whether a statement may have reached the
+        server) or LimiterError for a failure that is not an outage. A deadlock is retried once.
+        """
+        for attempt in (1, 2):
+            try:
+                return await self._attempt(work, deadline)
+            except _RETRY_ONCE as exc:
+                if attempt == 2:
+                    raise LimiterError(f"{type(exc).__name__}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    async def _attempt(self, work: Callable[[asyncpg.Connection], Awaitable[Any]], deadline: _Deadline) -> Any:
         conn = None
         try:
-            async with asyncio.timeout(self._timeout):
+            if deadline.left() <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(deadline.left()):
                 conn = await self._pool.acquire()
-                result = await (conn.fetch(query, *args) if many else conn.fetchrow(query, *args))
-        except _UNAVAILABLE as exc:
-            if conn is not None:
-                # Its state is unknown (a query may still run on it): never lend it again.
-                # Releasing a live one would wait for its reset, unbounded on a stalled server.
-                # (A connection the server dropped is already back in the pool: nothing to do.)
-                with contextlib.suppress(asyncpg.InterfaceError):
-                    conn.terminate()
-            if self.database_ok:
-                log.warning("PostgreSQL unavailable (%s: %s); fail mode %s",
-                            type(exc).__name__, str(exc)[:200] or "timeout", self.fail_mode)
-            self.database_ok = False
+                result = await work(conn)
+            # Within what is left of the deadline: asyncpg ends the connection itself when its
+            # reset takes longer. The answer is in hand; a failure here only costs the connection.
+            held, conn = conn, None
+            with contextlib.suppress(*_AWAY, asyncpg.PostgresError):
+                await self._pool.release(held, timeout=max(deadline.left(), 0.05))
+        except _AWAY as exc:
+            self._away(exc)
             raise LimiterUnavailable(f"{type(exc).__name__}: {exc}", sent=conn is not None) from exc
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, _RETRY_ONCE):
+                raise
+            raise LimiterError(f"{type(exc).__name__}: {exc}") from exc
         finally:
             if conn is not None:
-                with contextlib.suppress(asyncpg.InterfaceError):  # released already (see above)
+                # Its state is unknown (a statement may still run on it): never lend it again.
+                # Releasing it would wait for a reset, unbounded on a stalled server; a
+                # connection the server dropped is back in the pool already (InterfaceError).
+                with contextlib.suppress(asyncpg.InterfaceError):
+                    conn.terminate()
                     await self._pool.release(conn)
         if not self.database_ok:
             log.info("PostgreSQL is back")
             self.database_ok = True
         return result
 
+    def _away(self, exc: BaseException) -> None:
+        if self.database_ok:
+            log.warning("PostgreSQL unavailable (%s: %s); fail mode %s",
+                        type(exc).__name__, str(exc)[:200] or "timeout", self.fail_mode)
+        self.database_ok = False
+
+    async def _fetchrow(self, query: str, *args: Any, deadline: _Deadline | None = None) -> asyncpg.Record:
+        return await self._run(lambda conn: conn.fetchrow(query, *args), deadline or _Deadline(self._timeout))
+
     async def check_database(self) -> bool:
         """Ask PostgreSQL for a trivial answer; updates and returns ``database_ok``."""
         try:
             await self._fetchrow("SELECT 1")
-        except LimiterUnavailable:
+        except LimiterError:
             return False
         return True
+
+    @contextlib.asynccontextmanager
+    async def _writeback_lock(self, deadline: _Deadline):
+        try:
+            async with asyncio.timeout(max(deadline.left(), 0)):
+                await self._writeback.acquire()
+        except TimeoutError as exc:
+            raise LimiterUnavailable("timed out waiting for a write-back", sent=False) from exc
+        try:
+            yield
+        finally:
+            self._writeback.release()
 
     # --- hit / test / refund ---------------------------------------------------------------
 
@@ -140,50 +207,66 @@ class Limiter:
         """Charge one call to ``number`` under ``charge_id`` (a CallSid or a reservation id).
 
         Idempotent per charge id: a second hit with the same id charges nothing and answers
-        allowed. An invalid number is refused with its reason and never charged.
+        allowed. An invalid number is refused with its reason and never charged. A malformed
+        charge id raises LimiterError (a bug in the caller).
         """
         started = time.perf_counter()
+        self._check_charge_id(charge_id)
         try:
             phone = number if isinstance(number, PhoneNumber) else self.parse(number)
         except InvalidNumber as exc:
-            decision = self._refuse_invalid(exc)
-            self._observe("hit", decision, time.perf_counter() - started)
-            return decision
+            return self._done("hit", refused(self.rules, self._local_now(), exc.code, exc.message, "validation"),
+                              started)
         key = self._keyer.key(phone.e164)
+        deadline = _Deadline(self._timeout)
+        sent = False
         try:
-            if self.pending:
-                # Charges made while PostgreSQL was away must count before the next decision.
-                await self.flush()
+            await self._write_back_key(key, deadline)
             if self._keyer.rotating:
-                await self._fetchrow(self._q.limiter_rekey, key, self._keyer.previous(phone.e164))
+                await self._rekey(key, self._keyer.previous(phone.e164), deadline)
+            sent = True
             row = await self._fetchrow(
                 self._q.limiter_hit, key, charge_id, self.rules.max_calls, self.rules.window_ms,
-                self.rules.cooldown_ms, self._clock(), None, False, phone.region,
+                self.rules.cooldown_ms, self._clock(), None, False, phone.region, deadline=deadline,
             )
         except LimiterUnavailable as exc:
-            decision = self._hit_while_away(key, phone.region, charge_id, unknown=exc.sent)
+            decision = self._hit_while_away(key, phone.region, charge_id, unknown=sent and exc.sent)
         else:
             self.memory.mirror(key, row["times"], row["charges"])
             decision = summarize(row["times"], row["now_ms"], self.rules, admitted=row["admitted"])
-        self._observe("hit", decision, time.perf_counter() - started)
         if not decision.allowed:
             log.info("refused %s (key %s): %s", phone.masked, PhoneKeyer.short(key), decision.reason)
+        return self._done("hit", decision, started)
+
+    def _done(self, op: str, decision: Decision, started: float) -> Decision:
+        self._observe(op, decision, time.perf_counter() - started)
         return decision
+
+    async def _rekey(self, key: bytes, old_keys: list[bytes], deadline: _Deadline) -> None:
+        async def move(conn: asyncpg.Connection) -> None:
+            # Two statements, one transaction: the second needs a fresh snapshot to see charge
+            # records committed while the first waited for the old rows' locks.
+            async with conn.transaction():
+                moved = await conn.fetchval(self._q.limiter_rekey, key, old_keys)
+                if moved:
+                    await conn.execute(self._q.limiter_rekey_charges, key, moved)
+
+        await self._run(move, deadline)
 
     def _hit_while_away(self, key: bytes, region: str, charge_id: str, *, unknown: bool) -> Decision:
         # A statement that was sent may have committed (a "ghost write"): it stays counted and
         # is never retried blindly. Charges decided here are written back by charge id, which
         # the database treats idempotently, so a ghost write is not counted twice.
         if unknown:
-            log.warning("charge %s: outcome unknown (statement sent, no answer); counted as charged", charge_id)
+            log.warning("charge %r: outcome unknown (sent, no answer); counted as charged", charge_id)
         now = self._local_now()
         if self.fail_mode == "closed":
             return refused(self.rules, now, "limiter_unavailable",
                            "call limits cannot be checked right now; try again shortly", "closed")
         if self.fail_mode == "open":
-            self.memory.record(key, region, charge_id, now)
+            self.memory.record(key, region, charge_id, now, maybe_written=unknown)
             return Decision(True, self.rules.max_calls, self.rules.max_calls, now + self.rules.window_ms, source="open")
-        times, admitted = self.memory.admit(key, region, charge_id, now, self.rules)
+        times, admitted = self.memory.admit(key, region, charge_id, now, self.rules, maybe_written=unknown)
         return summarize(times, now, self.rules, admitted=admitted, source="memory")
 
     async def test(self, number: str | PhoneNumber) -> Decision:
@@ -193,7 +276,8 @@ class Limiter:
         try:
             phone = number if isinstance(number, PhoneNumber) else self.parse(number)
         except InvalidNumber as exc:
-            return self._refuse_invalid(exc)
+            return self._done("test", refused(self.rules, self._local_now(), exc.code, exc.message, "validation"),
+                              started)
         key = self._keyer.key(phone.e164)
         keys = [key, *self._keyer.previous(phone.e164)]
         try:
@@ -210,9 +294,11 @@ class Limiter:
                 times = [t for t, _ in self.memory.live(key, now, self.rules.window_ms)]
                 decision = summarize(times, now, self.rules, source="memory")
         else:
-            decision = summarize(row["times"], row["now_ms"], self.rules)
-        self._observe("test", decision, time.perf_counter() - started)
-        return decision
+            # Charges this instance made while PostgreSQL was away count before they are written back.
+            times = sorted([*row["times"], *(p.at_ms for _, p in self.memory.pending_for(key)
+                                              if p.at_ms > row["now_ms"] - self.rules.window_ms)])
+            decision = summarize(times, row["now_ms"], self.rules)
+        return self._done("test", decision, started)
 
     async def refund(self, charge_id: str) -> bool:
         """Give back the slot taken by ``charge_id``. Idempotent; an unknown id changes nothing.
@@ -221,49 +307,71 @@ class Limiter:
         in memory and written back when it returns.
         """
         started = time.perf_counter()
+        self._check_charge_id(charge_id)
+        deadline = _Deadline(self._timeout)
         try:
-            removed = await self._refund_in_database(charge_id)
+            async with self._writeback_lock(deadline):
+                if charge_id in self.memory.pending or charge_id in self.memory.pending_refunds:
+                    raise LimiterUnavailable("charge not written back yet", sent=False)
+                removed = await self._refund_in_database(charge_id, deadline)
         except LimiterUnavailable:
-            removed = self.memory.refund(charge_id)
+            removed = self.memory.refund_while_away(charge_id)
         else:
-            self.memory.refund(charge_id)
-            self.memory.pending_refunds.discard(charge_id)
+            self.memory.drop(charge_id)
         self._observe("refund", None, time.perf_counter() - started)
         return removed
 
-    async def _refund_in_database(self, charge_id: str) -> bool:
-        row = await self._fetchrow(self._q.limiter_refund, charge_id)
+    async def _refund_in_database(self, charge_id: str, deadline: _Deadline) -> bool:
+        row = await self._fetchrow(self._q.limiter_refund, charge_id, deadline=deadline)
         if row["key"] is None or row["removed"]:
             return bool(row["removed"])
-        # The charge record was found but its log row was not: a key rotation moved the row
-        # while this refund ran. Look again, in a fresh snapshot, under the key we now know.
-        again = await self._fetchrow(self._q.limiter_refund_at, charge_id, row["key"])
+        # The charge record was found but its log entry was not where the refund's snapshot
+        # looked: a key rotation moved the row meanwhile, or the charge had already left the
+        # window. Look again, in a fresh snapshot, under the key the record holds now.
+        again = await self._fetchrow(self._q.limiter_refund_at, charge_id, row["key"], deadline=deadline)
         return again is not None
 
-    # --- recovery, cleanup, admin ----------------------------------------------------------
+    # --- write-back, cleanup, admin --------------------------------------------------------
 
     @property
     def pending(self) -> int:
         """Charges and refunds made while PostgreSQL was away, not yet written back."""
         return len(self.memory.pending) + len(self.memory.pending_refunds)
 
+    async def _write_back_charge(self, charge_id: str, deadline: _Deadline) -> None:
+        charge = self.memory.pending.get(charge_id)
+        if charge is None:
+            return  # refunded meanwhile: never written
+        await self._fetchrow(
+            self._q.limiter_hit, charge.key, charge_id, self.rules.max_calls, self.rules.window_ms,
+            self.rules.cooldown_ms, self._clock(), charge.at_ms, True, charge.region, deadline=deadline,
+        )
+        self.memory.pending.pop(charge_id, None)
+
+    async def _write_back_key(self, key: bytes, deadline: _Deadline) -> None:
+        """Before a decision on ``key``: write back that key's charges made while away, so they
+        count. Only this key's: the rest is the maintenance task's, off the call path."""
+        if not self.memory.pending or not self.memory.pending_for(key):
+            return
+        async with self._writeback_lock(deadline):
+            for charge_id, _ in self.memory.pending_for(key):
+                await self._write_back_charge(charge_id, deadline)
+
     async def flush(self) -> int:
-        """Write back what was decided in memory. Returns how many were written; stops at
+        """Write back everything decided in memory. Returns how many were written; stops at
         the first failure (the rest stay pending). Safe to call at any time."""
         written = 0
-        async with self._flush_lock:
-            for charge_id, charge in list(self.memory.pending.items()):
-                await self._fetchrow(
-                    self._q.limiter_hit, charge.key, charge_id, self.rules.max_calls,
-                    self.rules.window_ms, self.rules.cooldown_ms, self._clock(), charge.at_ms, True,
-                    charge.region,
-                )
-                del self.memory.pending[charge_id]
-                written += 1
-            for charge_id in list(self.memory.pending_refunds):
-                await self._refund_in_database(charge_id)
-                self.memory.pending_refunds.discard(charge_id)
-                written += 1
+        for charge_id in list(self.memory.pending):
+            async with self._writeback_lock(_Deadline(self._timeout)):
+                if charge_id in self.memory.pending:
+                    await self._write_back_charge(charge_id, _Deadline(self._timeout))
+                    written += 1
+        for charge_id in list(self.memory.pending_refunds):
+            async with self._writeback_lock(_Deadline(self._timeout)):
+                if charge_id in self.memory.pending_refunds:
+                    await self._refund_in_database(charge_id, _Deadline(self._timeout))
+                    self.memory.pending_refunds.discard(charge_id)
+                    written += 1
         if written:
             log.info("wrote back %d charge(s)/refund(s) decided while PostgreSQL was away", written)
         return written
@@ -299,6 +407,8 @@ class Limiter:
                         log.info("cleanup deleted %d expired row(s), %d charge record(s)", rows, charges)
             except LimiterUnavailable:
                 continue
+            except LimiterError:
+                log.exception("limiter maintenance failed; retrying in %.0f s", interval)
 
     async def reset(self, number: str | PhoneNumber) -> int:
         """Forget a number's charges (admin). Returns how many rows were deleted."""
@@ -311,8 +421,9 @@ class Limiter:
 
     async def stats(self) -> dict[str, Any]:
         """Counts for operators: rows kept, calls in window, numbers at their limit, by region."""
-        rows = await self._run(self._q.admin_stats, (self.rules.max_calls, self.rules.window_ms, self._clock()),
-                               many=True)
+        rows = await self._run(lambda conn: conn.fetch(self._q.admin_stats, self.rules.max_calls,
+                                                       self.rules.window_ms, self._clock()),
+                               _Deadline(self._timeout))
         by_region = {r["region"] or "unknown": {"rows": r["rows"], "callsInWindow": r["calls_in_window"],
                                                  "numbersAtLimit": r["numbers_at_limit"]} for r in rows}
         return {

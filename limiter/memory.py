@@ -22,29 +22,44 @@ class PendingCharge:
     key: bytes
     region: str
     at_ms: int
+    # The statement that tried to charge it may have reached PostgreSQL and committed (a
+    # "ghost write"): a refund must then be written back too, not only dropped here.
+    maybe_written: bool = False
 
 
 class MemoryLog:
     def __init__(self, max_keys: int = MAX_KEYS) -> None:
         self._logs: dict[bytes, list[tuple[int, str]]] = {}
+        self._key_of: dict[str, bytes] = {}  # charge id → key, so a refund finds its log at once
         self._max_keys = max_keys
         self.pending: dict[str, PendingCharge] = {}
         self.pending_refunds: set[str] = set()
 
-    def _touch(self, key: bytes, entries: list[tuple[int, str]]) -> None:
-        self._logs.pop(key, None)
+    def _store(self, key: bytes, entries: list[tuple[int, str]]) -> None:
+        old = self._logs.pop(key, None)
+        if old:
+            for _, charge_id in old:
+                self._key_of.pop(charge_id, None)
         self._logs[key] = entries
+        for _, charge_id in entries:
+            self._key_of[charge_id] = key
         while len(self._logs) > self._max_keys:
-            del self._logs[next(iter(self._logs))]
+            self.forget(next(iter(self._logs)))
 
     def live(self, key: bytes, now_ms: int, window_ms: int) -> list[tuple[int, str]]:
         return [e for e in self._logs.get(key, ()) if e[0] > now_ms - window_ms]
 
     def mirror(self, key: bytes, times: list[int], charges: list[str]) -> None:
-        """Remember the live log PostgreSQL just returned for a key."""
-        self._touch(key, list(zip(times, charges)))
+        """Remember the live log PostgreSQL just returned for a key (plus what is still pending
+        for it, which PostgreSQL does not hold yet)."""
+        entries = list(zip(times, charges))
+        known = set(charges)
+        entries += [(p.at_ms, c) for c, p in self.pending.items() if p.key == key and c not in known]
+        entries.sort()
+        self._store(key, entries)
 
-    def admit(self, key: bytes, region: str, charge_id: str, now_ms: int, rules: Rules) -> tuple[list[int], bool]:
+    def admit(self, key: bytes, region: str, charge_id: str, now_ms: int, rules: Rules,
+              *, maybe_written: bool = False) -> tuple[list[int], bool]:
         """The sliding-log rule; an admitted charge is kept as pending. Returns (live times, admitted)."""
         entries = self.live(key, now_ms, rules.window_ms)
         if any(c == charge_id for _, c in entries):
@@ -54,34 +69,48 @@ class MemoryLog:
         admitted = room and cooled
         if admitted:
             entries.append((now_ms, charge_id))
-            self.pending[charge_id] = PendingCharge(key, region, now_ms)
-        self._touch(key, entries)
+            entries.sort()  # the mirrored times are the database's clock, ours may lag it
+            self.pending[charge_id] = PendingCharge(key, region, now_ms, maybe_written)
+        self._store(key, entries)
         return [t for t, _ in entries], admitted
 
-    def record(self, key: bytes, region: str, charge_id: str, now_ms: int) -> None:
+    def record(self, key: bytes, region: str, charge_id: str, now_ms: int, *, maybe_written: bool = False) -> None:
         """Count a charge whatever the rule says (fail mode open: the call goes ahead)."""
-        entries = self._logs.get(key, [])
+        entries = list(self._logs.get(key, []))
         if all(c != charge_id for _, c in entries):
             entries.append((now_ms, charge_id))
-            self.pending[charge_id] = PendingCharge(key, region, now_ms)
-        self._touch(key, entries)
+            entries.sort()
+            self.pending[charge_id] = PendingCharge(key, region, now_ms, maybe_written)
+        self._store(key, entries)
 
-    def refund(self, charge_id: str) -> bool:
-        """Drop a charge from memory. A charge PostgreSQL holds is queued for refund there."""
-        removed = False
-        for key, entries in self._logs.items():
-            kept = [e for e in entries if e[1] != charge_id]
-            if len(kept) != len(entries):
-                self._logs[key] = kept
-                removed = True
-                break
-        if self.pending.pop(charge_id, None) is None:
+    def drop(self, charge_id: str) -> bool:
+        """Take a charge out of the mirrored log; True when it was there."""
+        key = self._key_of.pop(charge_id, None)
+        if key is None:
+            return False
+        self._logs[key] = [e for e in self._logs.get(key, []) if e[1] != charge_id]
+        return True
+
+    def refund_while_away(self, charge_id: str) -> bool:
+        """A refund while PostgreSQL is away: free the slot here, and queue the refund for
+        PostgreSQL unless the charge certainly never reached it. Returns whether a live
+        charge was freed."""
+        removed = self.drop(charge_id)
+        pending = self.pending.pop(charge_id, None)
+        if pending is None or pending.maybe_written:
             self.pending_refunds.add(charge_id)
-        return removed
+        return removed or pending is not None
+
+    def pending_for(self, key: bytes) -> list[tuple[str, PendingCharge]]:
+        return [(c, p) for c, p in self.pending.items() if p.key == key]
 
     def forget(self, key: bytes) -> None:
-        self._logs.pop(key, None)
+        for _, charge_id in self._logs.pop(key, ()):
+            self._key_of.pop(charge_id, None)
 
     def prune(self, now_ms: int, window_ms: int) -> None:
-        for key in [k for k, entries in self._logs.items() if not entries or entries[-1][0] <= now_ms - window_ms]:
-            del self._logs[key]
+        stale = [k for k, entries in self._logs.items()
+                 if (not entries or entries[-1][0] <= now_ms - window_ms)
+                 and not any(p.key == k for p in self.pending.values())]
+        for key in stale:
+            self.forget(key)

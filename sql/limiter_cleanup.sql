@@ -1,5 +1,5 @@
--- Delete, in one batch, rows whose every charge has left the window, and charge records kept
--- past their retention. Safe beside a concurrent decision: DELETE re-checks its condition on
+-- Delete, in one batch, rows whose every charge has left the window, and charge records (and
+-- refund tombstones) kept past their retention. Safe beside a concurrent decision: DELETE re-checks its condition on
 -- the row's latest version, so a row that just took a charge is kept.
 --
 -- $1 window_ms bigint   $2 retention_ms bigint (how long charge ids stay idempotent)

@@ -13,11 +13,12 @@
 -- Why this is exact under concurrency: ON CONFLICT DO UPDATE locks the conflicting row and
 -- evaluates SET against that locked, latest version, so concurrent decisions on one number
 -- run one after another. Nothing here reads phone_limits through the statement's snapshot.
+-- Lock order, the same in every statement here: the phone_limits row, then limiter_charges.
 WITH clock AS (
     SELECT coalesce($6::bigint, floor(extract(epoch FROM statement_timestamp()) * 1000)::bigint) AS now_ms
 ), known AS (
-    -- Snapshot read, but only for charges old enough to have left the log; recent duplicates
-    -- are caught inside the locked row.
+    -- Snapshot read, but only for charges old enough to have left the log, or refunded;
+    -- recent duplicates are caught inside the locked row.
     SELECT EXISTS (SELECT 1 FROM limiter_charges WHERE charge_id = $2) AS seen
 ), decided AS (
     INSERT INTO phone_limits AS p (key, region, times, charges)
@@ -33,7 +34,8 @@ WITH clock AS (
     RETURNING p.times, p.charges
 ), recorded AS (
     INSERT INTO limiter_charges (charge_id, key, charged_at)
-    SELECT $2, $1, coalesce($7, clock.now_ms) FROM decided, clock WHERE $2 = ANY (decided.charges)
+    SELECT $2, $1, coalesce($7, clock.now_ms) FROM decided, clock
+     WHERE $2 = ANY (decided.charges) OR $8  -- a write-back older than the window: keep its id
     ON CONFLICT (charge_id) DO NOTHING
 )
 SELECT decided.times, decided.charges, clock.now_ms, ($2 = ANY (decided.charges) OR known.seen) AS admitted

@@ -1,17 +1,26 @@
 -- Give a charge's slot back. Idempotent: a second refund, or one for an unknown id, changes nothing.
+-- The charge record stays, marked refunded, so a replayed webhook still charges nothing.
 --
 -- $1 charge_id text
--- Returns one row: key bytea (the row the charge was recorded under, NULL when unknown),
---                  removed boolean (its entry left the live log).
-WITH gone AS (
-    DELETE FROM limiter_charges WHERE charge_id = $1 RETURNING key
+-- Returns one row: key bytea (the log row the charge was recorded under; NULL when the id is
+--                  unknown or already refunded), removed boolean (its entry left the live log).
+--
+-- Lock order as in limiter_hit.sql, the log row first, then the charge record, so a refund
+-- racing a replayed charge cannot deadlock: `tombstoned` reads `removed`, which makes it run after.
+WITH target AS (
+    SELECT key FROM limiter_charges WHERE charge_id = $1 AND refunded_at IS NULL
 ), removed AS (
     UPDATE phone_limits AS p
        SET (times, charges) = (
            SELECT coalesce(array_agg(t ORDER BY t, c), '{}'), coalesce(array_agg(c ORDER BY t, c), '{}')
              FROM unnest(p.times, p.charges) AS u(t, c) WHERE c <> $1)
-      FROM gone
-     WHERE p.key = gone.key AND $1 = ANY (p.charges)
+      FROM target
+     WHERE p.key = target.key AND $1 = ANY (p.charges)
     RETURNING p.key
+), tombstoned AS (
+    UPDATE limiter_charges
+       SET refunded_at = floor(extract(epoch FROM statement_timestamp()) * 1000)::bigint
+     WHERE charge_id = $1 AND refunded_at IS NULL AND (SELECT count(*) FROM removed) >= 0
+    RETURNING key
 )
-SELECT (SELECT key FROM gone) AS key, EXISTS (SELECT 1 FROM removed) AS removed
+SELECT (SELECT key FROM tombstoned) AS key, EXISTS (SELECT 1 FROM removed) AS removed

@@ -1,5 +1,6 @@
--- Second step of a refund whose row was moved by a key rotation while the refund ran
--- (limiter_refund.sql's update could not see the moved row in its snapshot).
+-- Second step of a refund whose log row was not where its charge record pointed when the
+-- refund's snapshot was taken (a key rotation moved it meanwhile): look again, in a fresh
+-- snapshot, under the key the charge record holds now.
 --
 -- $1 charge_id text   $2 key bytea (as returned by limiter_refund.sql)
 -- Returns one row per row changed: key bytea.

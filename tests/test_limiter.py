@@ -211,3 +211,72 @@ async def test_stats_count_without_numbers(pool):
     assert (stats["rows"], stats["callsInWindow"], stats["numbersAtLimit"]) == (3, 3, 3)
     assert stats["byRegion"]["AU"]["rows"] == 2
     assert stats["byRegion"]["US"]["callsInWindow"] == 1
+
+
+async def test_replayed_charge_after_a_refund_charges_nothing(pool):
+    """A webhook replayed after its call was refunded does not charge again."""
+    limiter = make_limiter(pool, max_calls=2)
+    await limiter.hit(NUMBER, "CA1")
+    assert await limiter.refund("CA1")
+    assert (await limiter.hit(NUMBER, "CA1")).allowed
+    assert (await limiter.test(NUMBER)).remaining == 2
+
+
+async def test_refund_racing_replays_of_its_charge_neither_deadlocks_nor_is_lost(pool):
+    """A refund at the same moment as retried charges of the same id completes, and the slot is free."""
+    limiter = make_limiter(pool, max_calls=3)
+    for round_ in range(20):
+        charge = f"CA{round_}"
+        await limiter.hit(NUMBER, charge)
+        results = await asyncio.gather(*(limiter.hit(NUMBER, charge) for _ in range(4)), limiter.refund(charge))
+        assert results[-1] is True
+        assert limiter.database_ok
+    assert (await limiter.test(NUMBER)).remaining == 3
+
+
+async def test_malformed_charge_ids_are_refused_loudly(pool):
+    """A charge id that is not a plain id is a caller bug: LimiterError, nothing stored."""
+    from limiter.errors import LimiterError
+
+    limiter = make_limiter(pool)
+    for bad in ("", "CA\x00x", "x" * 65, None, "a b"):
+        with pytest.raises(LimiterError):
+            await limiter.hit(NUMBER, bad)
+    assert limiter.database_ok and limiter.pending == 0
+    assert await pool.fetchval("SELECT count(*) FROM phone_limits") == 0
+
+
+async def test_refund_finds_a_charge_moved_by_a_rotation_it_raced(dsn, pool):
+    """An old-key instance's charge that lands while a rotated instance moves the row can still
+    be refunded."""
+    import asyncpg
+
+    from db.sql import Queries
+    from limiter.limiter import _Deadline
+    from limiter.phone import PhoneKeyer
+
+    old_key, new_key = "old-key-" + "x" * 32, TEST_KEY
+    old = make_limiter(pool, max_calls=5, key=old_key)
+    await old.hit(NUMBER, "CA1")
+    rotated = make_limiter(pool, max_calls=5, key=new_key, previous=(old_key,))
+    keyer = PhoneKeyer(new_key, [old_key])
+    conn = await asyncpg.connect(dsn)
+    try:
+        tx = conn.transaction()
+        await tx.start()  # the old instance's charge, not yet committed
+        await conn.fetchrow(Queries().limiter_hit, PhoneKeyer(old_key).key(NUMBER), "CA9", 5, HOUR, 0,
+                            None, None, False, "US")
+        move = asyncio.create_task(rotated._rekey(keyer.key(NUMBER), keyer.previous(NUMBER), _Deadline(10)))
+        await asyncio.wait_for(asyncio.shield(_until_blocked(pool)), timeout=10)
+        await tx.commit()
+        await move
+    finally:
+        await conn.close()
+    assert await rotated.refund("CA9") is True
+    assert (await rotated.test(NUMBER)).remaining == 4
+
+
+async def _until_blocked(pool) -> None:
+    """Wait until some session waits on a lock (the move queued behind the open transaction)."""
+    while not await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"):
+        await asyncio.sleep(0.01)

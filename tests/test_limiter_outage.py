@@ -7,6 +7,7 @@ for real: an embedded server stopped mid-run and started again.
 from __future__ import annotations
 
 import asyncio
+import time
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -15,6 +16,7 @@ from db.database import create_pool
 from db.embedded import EmbeddedPostgres
 from db.migrate import migrate
 from helpers import make_limiter
+from limiter.limiter import _Deadline
 from tcpproxy import TcpProxy
 
 NUMBER = "+14155550100"
@@ -81,12 +83,66 @@ async def test_write_back_after_a_ghost_write_counts_once(pool, proxy, proxied_p
     assert (await limiter.test(NUMBER)).remaining == 1
 
 
-async def test_stalled_database_is_bounded_by_the_timeout(proxy, proxied_pool):
-    """A database that accepts but never answers costs one timeout, not a hung call."""
+async def test_stalled_database_costs_one_timeout_per_decision(proxy, proxied_pool):
+    """A database that accepts but never answers costs each decision one timeout, even with
+    charges waiting to be written back and many decisions at once."""
     limiter = make_limiter(proxied_pool, timeout=0.3)
     proxy.stall()
-    decision = await asyncio.wait_for(limiter.hit(NUMBER, "CA1"), timeout=5)
-    assert decision.source == "memory"
+    started = time.monotonic()
+    assert (await limiter.hit(NUMBER, "CA1")).source == "memory"
+    assert time.monotonic() - started < 0.6
+    started = time.monotonic()
+    decisions = await asyncio.gather(*(limiter.hit(NUMBER, f"CB{i}") for i in range(20)))
+    assert time.monotonic() - started < 0.6  # waiting for the write-back lock is in the budget
+    assert all(d.source == "memory" for d in decisions)
+
+
+async def test_a_stall_after_the_answer_keeps_the_answer(proxy, proxied_pool):
+    """When PostgreSQL answers and then stalls, the decision stands and returns in time."""
+    limiter = make_limiter(proxied_pool, timeout=0.3)
+    await limiter.hit("+14155550199", "CA-warm")
+
+    class StallAfterAnswer:
+        async def __call__(self, conn):
+            row = await conn.fetchrow("SELECT 1 AS one")
+            proxy.stall()
+            return row
+
+    started = time.monotonic()
+    row = await limiter._run(StallAfterAnswer(), _Deadline(0.3))
+    assert row["one"] == 1
+    assert time.monotonic() - started < 0.6
+
+
+async def test_refund_after_a_ghost_write_reaches_the_database(pool, proxy, proxied_pool):
+    """A charge whose outcome was unknown, refunded while PostgreSQL is away, is refunded in
+    PostgreSQL too once it returns."""
+    limiter = make_limiter(proxied_pool, max_calls=2, timeout=0.5)
+    await limiter.hit("+14155550199", "CA-warm")
+    proxy.mute()
+    assert (await limiter.hit(NUMBER, "CA1")).allowed  # the ghost write lands
+    proxy.cut()
+    assert await limiter.refund("CA1") is True
+    proxy.restore()
+    await limiter.flush()
+    assert await pool.fetchval("SELECT cardinality(times) FROM phone_limits WHERE 'CA1' = ANY (charges)") is None
+    assert (await limiter.test(NUMBER)).remaining == 2
+
+
+async def test_refund_during_write_back_is_not_lost(pool, proxy, proxied_pool):
+    """A refund that arrives while charges are being written back frees its slot for good."""
+    limiter = make_limiter(proxied_pool, max_calls=5, timeout=0.5)
+    proxy.cut()
+    for i in range(3):
+        await limiter.hit(NUMBER, f"CA{i}")
+    proxy.restore()
+    flushing = asyncio.create_task(limiter.flush())
+    await asyncio.sleep(0)  # let the write-back start
+    await limiter.refund("CA2")
+    await flushing
+    await limiter.flush()
+    assert await charges_in_database(pool) == 2
+    assert (await limiter.test(NUMBER)).remaining == 3
 
 
 async def test_closed_mode_refuses_while_away(pool, proxy, proxied_pool):

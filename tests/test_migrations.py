@@ -58,3 +58,25 @@ async def test_every_query_file_prepares_against_the_migrated_schema(pool):
         for name in ("limiter_hit", "limiter_status", "limiter_refund", "limiter_refund_at",
                      "limiter_rekey", "limiter_cleanup", "limiter_reset", "admin_stats"):
             await conn.prepare(getattr(queries, name))
+
+
+async def test_migrating_through_the_pool_waits_out_another_instance(dsn):
+    """A pool connection (with its short lock timeout) waits for another instance's migration
+    run instead of failing start-up."""
+    from db.database import create_pool
+    from db.migrate import MIGRATION_LOCK
+
+    holder = await asyncpg.connect(dsn)
+    pool = await create_pool(dsn, 2, client_timeout_ms=200)  # lock_timeout 100 ms on its sessions
+    try:
+        await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
+        async with pool.acquire() as conn:
+            waiting = asyncio.create_task(migrate(conn))
+            done, _ = await asyncio.wait({waiting}, timeout=0.5)  # five lock timeouts
+            assert not done
+            await holder.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+            assert await waiting == []
+            assert await conn.fetchval("SHOW lock_timeout") == "100ms"  # the pool's setting is back
+    finally:
+        await holder.close()
+        await pool.close()

@@ -43,3 +43,22 @@ async def test_database_dump_holds_no_number(dsn, pool):
     for number in NUMBERS:
         for form in _forms(number):
             assert form not in dump, f"{form!r} found in the dump"
+
+
+async def test_logs_hold_no_number(pool, caplog):
+    """Charging, refusing, refunding, resetting and an outage log masked numbers only."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    limiter = make_limiter(pool, max_calls=1)
+    for number in NUMBERS:
+        await limiter.hit(number, f"CA{abs(hash(number))}")
+        await limiter.hit(number, f"CB{abs(hash(number))}")  # refused: logged
+        await limiter.reset(number)
+    await pool.close()  # PostgreSQL "goes away" for this limiter: the outage path logs too
+    await limiter.hit(NUMBERS[0], "CC1")
+    text = caplog.text
+    assert "•••" in text
+    for number in NUMBERS:
+        for form in _forms(number):
+            assert form not in text, f"{form!r} found in the logs"

@@ -15,11 +15,13 @@ CREATE TABLE phone_limits (
 ) WITH (fillfactor = 70);
 
 -- Every admitted charge, kept past its window: refund(charge_id) finds its row through it,
--- and a webhook replayed after the charge left the log still charges nothing.
+-- and a webhook replayed after the charge left the log, or after a refund, charges nothing.
+-- A refund leaves a tombstone (refunded_at) rather than deleting, for that reason.
 CREATE TABLE limiter_charges (
-    charge_id  text   PRIMARY KEY,
-    key        bytea  NOT NULL,
-    charged_at bigint NOT NULL                 -- epoch ms
+    charge_id   text   PRIMARY KEY,
+    key         bytea  NOT NULL,
+    charged_at  bigint NOT NULL,               -- epoch ms
+    refunded_at bigint                         -- epoch ms, when refunded
 );
 CREATE INDEX limiter_charges_key ON limiter_charges (key);
 CREATE INDEX limiter_charges_charged_at ON limiter_charges (charged_at);

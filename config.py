@@ -173,7 +173,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("RATE_LIMIT_PHONE_COOLDOWN_MS", "0", "minimum gap between two calls to one number, ms", _int(0), "phone_cooldown_ms"),
     Variable("RATE_LIMIT_MAX_CONCURRENT_CALLS", "10", "live calls across all instances", _int(1), "max_concurrent_calls"),
     Variable("RATE_LIMIT_MAX_CONNECTIONS_PER_IP", "5", "open /logs sockets per client IP", _int(1), "max_connections_per_ip"),
-    Variable("RATE_LIMIT_SESSION_DURATION", "300000", "longest call, ms", _int(10_000), "session_duration_ms"),
+    Variable("RATE_LIMIT_SESSION_DURATION", "300000", "longest call, ms", _int(1000), "session_duration_ms"),
     Variable("LIMITER_FAIL_MODE", "memory", "when PostgreSQL is unreachable: memory, closed or open", _choice("memory", "closed", "open"), "limiter_fail_mode"),
     Variable("LIMITER_TIMEOUT_MS", "2000", "longest wait for one limiter statement (pool acquire + statement), ms", _int(50, 60_000), "limiter_timeout_ms"),
     Variable("DATABASE_POOL_SIZE", "10", "connections in the PostgreSQL pool", _int(1, 100), "pool_size"),
@@ -183,6 +183,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("OPENAI_API_KEY", None, "enables the real model (without it: the offline agent)", _secret, "openai_api_key", True),
     Variable("OPENAI_REALTIME_URL", "wss://api.openai.com/v1/realtime", "model endpoint", _url("ws", "wss"), "openai_realtime_url"),
     Variable("OPENAI_REALTIME_MODEL", "gpt-realtime", "model name", _text, "openai_realtime_model"),
+    Variable("MODEL_READY_TIMEOUT_MS", "10000", "longest wait for the model to connect and accept the session, ms (then the call ends)", _int(100, 60_000), "model_ready_timeout_ms"),
     Variable("TWILIO_ACCOUNT_SID", None, "Twilio account for REST calls", _text, "twilio_account_sid"),
     Variable("TWILIO_AUTH_TOKEN", None, "Twilio auth token: REST calls and webhook signature checks", _secret, "twilio_auth_token", True),
     Variable("TWILIO_PHONE_NUMBER_US", None, "caller id for US calls (and the fallback)", _phone, "twilio_number_us"),
@@ -222,6 +223,7 @@ class Settings:
     openai_api_key: Secret | None = None
     openai_realtime_url: str = "wss://api.openai.com/v1/realtime"
     openai_realtime_model: str = "gpt-realtime"
+    model_ready_timeout_ms: int = 10_000
     twilio_account_sid: str | None = None
     twilio_auth_token: Secret | None = None
     twilio_number_us: str | None = None

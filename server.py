@@ -65,7 +65,7 @@ def build_limiter(settings: Settings, db_pool, metrics: Metrics | None = None,
 def model_connector(settings: Settings) -> ModelConnector:
     if settings.openai_api_key:
         return RealtimeConnector(settings.openai_realtime_url, settings.openai_realtime_model,
-                                 settings.openai_api_key.value)
+                                 settings.openai_api_key.value, settings.model_ready_timeout_ms / 1000)
     return OfflineConnector()
 
 
@@ -144,6 +144,7 @@ def call_services(settings: Settings, app: web.Application, connector: ModelConn
         record_end=record_end,
         session_duration_s=duration,
         wrap_up_s=min(WRAP_UP_S, duration / 4),
+        ready_timeout_s=settings.model_ready_timeout_ms / 1000,
         observe_frame=app[METRICS].frame_observer(),
     )
 

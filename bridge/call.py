@@ -179,6 +179,13 @@ class Call:
 
     async def caller_to_model(self) -> None:
         """Read Twilio's frames until ``stop`` or the socket closes."""
+        try:
+            await self._read_twilio()
+        except ModelError as exc:
+            log.warning("call %s: %s", self.call_sid, exc)
+            self._set_reason("model_failed")
+
+    async def _read_twilio(self) -> None:
         observe = self._services.observe_frame
         async for msg in self.twilio_ws:
             if msg.type != WSMsgType.TEXT:
@@ -237,6 +244,9 @@ class Call:
                 await self._on_model_event(event)
         except ModelError as exc:
             log.warning("call %s: %s", self.call_sid, exc)
+        except ConnectionResetError:
+            self._set_reason("stream_closed")  # Twilio's side went away mid-send
+            return
         self._set_reason("model_failed")
 
     async def _on_model_event(self, event: dict[str, Any]) -> None:
@@ -323,8 +333,9 @@ class Call:
         s = self._services
         await asyncio.sleep(max(s.session_duration_s - s.wrap_up_s, 0))
         log.info("call %s: time nearly up, asking the agent to wrap up", self.call_sid)
-        await self._model.send(realtime.encode(realtime.system_text(WRAP_UP_MESSAGE)))
-        await self._model.send(realtime.encode(realtime.response_create()))
+        with contextlib.suppress(ModelError):  # a broken model ends the call through its own pump
+            await self._model.send(realtime.encode(realtime.system_text(WRAP_UP_MESSAGE)))
+            await self._model.send(realtime.encode(realtime.response_create()))
         await asyncio.sleep(min(s.wrap_up_s, s.session_duration_s))
         self._set_reason("time_limit")
 
@@ -334,7 +345,9 @@ class Call:
         if self._finished:
             return
         self._finished = True
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for result in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(result, Exception):
+                log.error("call %s: %s failed", self.call_sid, type(result).__name__, exc_info=result)
         reason = self.end_reason or "ended"
         if self._model is not None:
             with contextlib.suppress(Exception):

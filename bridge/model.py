@@ -8,6 +8,8 @@ closes (ending quietly on a clean close, raising ``ModelError`` on a broken one)
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Protocol
@@ -19,6 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 log = logging.getLogger("callgate.model")
 
 OPEN_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 2.0
 MAX_FRAME_BYTES = 4 * 1024 * 1024  # an audio delta is a few KiB; this bounds a broken peer
 
 
@@ -58,7 +61,22 @@ class RealtimeConnection:
             raise ModelError(f"model connection broke ({exc.rcvd.code if exc.rcvd else 'no close frame'})") from exc
 
     async def close(self) -> None:
-        await self._ws.close()
+        """Close within CLOSE_TIMEOUT_S. Frames still arriving are read and dropped meanwhile:
+        with its receive queue full, websockets stops reading and would never see the peer's
+        close frame (a model mid-reply sends dozens of audio deltas)."""
+        drain = asyncio.create_task(self._drain())
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                await self._ws.close()
+        except TimeoutError:
+            self._ws.transport.abort()
+        finally:
+            drain.cancel()
+
+    async def _drain(self) -> None:
+        with contextlib.suppress(websockets.ConnectionClosed):
+            async for _ in self._ws:
+                pass
 
 
 class RealtimeConnector:

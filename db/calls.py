@@ -1,7 +1,7 @@
 """Call records and stream-token use, in PostgreSQL (``sql/calls_*.sql``, ``sql/stream_token_use.sql``).
 
-Every statement is bounded in time; asyncpg's failures leave as ``CallStoreUnavailable``, so a
-database that goes away never takes a live call down with it.
+Every statement is bounded in time; an outage leaves as ``CallStoreUnavailable``, so a database
+that goes away never takes a live call down with it (anything else is a bug and is raised).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from typing import Any
 
 import asyncpg
 
+from db.errors import AWAY
 from db.sql import Queries
 
-_UNAVAILABLE = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError)
 
 
 class CallStoreUnavailable(Exception):
@@ -31,7 +31,7 @@ class CallStore:
         try:
             async with asyncio.timeout(self._timeout):
                 return await self._pool.fetchrow(query, *args)
-        except _UNAVAILABLE as exc:
+        except AWAY as exc:
             raise CallStoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     async def record(self, call_sid: str, charge_id: str | None, direction: str, region: str,

@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 
+from db.errors import AWAY, RETRY_ONCE
 from db.sql import Queries
 from limiter.errors import InvalidNumber, LimiterError, LimiterUnavailable
 from limiter.memory import MemoryLog
@@ -34,22 +35,6 @@ CLEANUP_BATCH = 1000
 CHARGE_RETENTION_MS = 24 * 3600 * 1000
 CHARGE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
-# What "PostgreSQL is away" looks like from asyncpg: the connection cannot be made or broke,
-# the server is shutting down, out of connections or resources, or did not answer in time.
-# Anything else (a constraint, a bad parameter) is a bug, never an outage.
-_AWAY = (
-    asyncpg.PostgresConnectionError,      # SQLSTATE 08: connection exceptions
-    asyncpg.CannotConnectNowError,        # 57P03: starting up
-    asyncpg.AdminShutdownError,           # 57P01
-    asyncpg.CrashShutdownError,           # 57P02
-    asyncpg.InsufficientResourcesError,   # 53: too many connections, out of memory or disk
-    asyncpg.QueryCanceledError,           # 57014: statement_timeout
-    asyncpg.LockNotAvailableError,        # 55P03: lock_timeout
-    asyncpg.InterfaceError,               # the connection closed under us
-    OSError,
-    TimeoutError,
-)
-_RETRY_ONCE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 
 
 class _Deadline:
@@ -134,7 +119,7 @@ class Limiter:
         for attempt in (1, 2):
             try:
                 return await self._attempt(work, deadline)
-            except _RETRY_ONCE as exc:
+            except RETRY_ONCE as exc:
                 if attempt == 2:
                     raise LimiterError(f"{type(exc).__name__}: {exc}") from exc
         raise AssertionError("unreachable")
@@ -150,13 +135,13 @@ class Limiter:
             # Within what is left of the deadline: asyncpg ends the connection itself when its
             # reset takes longer. The answer is in hand; a failure here only costs the connection.
             held, conn = conn, None
-            with contextlib.suppress(*_AWAY, asyncpg.PostgresError):
+            with contextlib.suppress(*AWAY, asyncpg.PostgresError):
                 await self._pool.release(held, timeout=max(deadline.left(), 0.05))
-        except _AWAY as exc:
+        except AWAY as exc:
             self._away(exc)
             raise LimiterUnavailable(f"{type(exc).__name__}: {exc}", sent=conn is not None) from exc
         except asyncpg.PostgresError as exc:
-            if isinstance(exc, _RETRY_ONCE):
+            if isinstance(exc, RETRY_ONCE):
                 raise
             raise LimiterError(f"{type(exc).__name__}: {exc}") from exc
         finally:

@@ -7,7 +7,7 @@ CREATE TABLE calls (
     region       text        NOT NULL DEFAULT '',
     scenario_id  text,
     status       text        NOT NULL,       -- the latest status (SPEC §6 names)
-    status_rank  smallint    NOT NULL,       -- statuses only move forward: a late "ringing" never undoes "ended"
+    status_rank  integer     NOT NULL,       -- statuses only move forward: a late "ringing" never undoes "ended"
     end_reason   text,
     refunded     boolean     NOT NULL DEFAULT false,
     created_at   timestamptz NOT NULL DEFAULT now(),

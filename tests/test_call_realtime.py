@@ -1,0 +1,215 @@
+"""The call path against the loopback Realtime GA peer: a whole call, many at once, barge-in,
+function calls, the time limit, and every way the model can fail."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from appkeys import CALL_STORE, CALLS, LIFECYCLE
+from callgate_harness import callgate
+from tools.fake_realtime import FakeRealtime
+from tools.simulate_call import silence, tone
+
+
+def quiet_pattern(seed: int, ms: int) -> bytes:
+    """Audio unique to one call, too quiet for any voice detector (μ-law codes near silence)."""
+    rng = random.Random(seed)
+    return bytes(rng.choice((0xF8, 0xF9, 0xFA, 0xFB, 0x78, 0x79, 0x7A, 0x7B)) for _ in range(ms * 8))
+
+
+async def until(sub, predicate, timeout: float = 10.0) -> list[dict]:
+    seen = []
+    async with asyncio.timeout(timeout):
+        while True:
+            seen.append(await sub.get())
+            if predicate(seen[-1]):
+                return seen
+
+
+def is_ended(event: dict) -> bool:
+    return event["type"] == "call.status_changed" and event["status"] == "ended"
+
+
+def hangups(h, call_sid: str) -> list:
+    return [r for r in h.twilio_api.requests
+            if r.method == "POST" and r.path.endswith(f"/Calls/{call_sid}.json") and r.value("Status") == "completed"]
+
+
+async def test_a_full_call(dsn):
+    """TwiML → stream → greeting audio reaches the caller; caller audio reaches the model in
+    order; transcripts appear on the bus; stop closes the model socket; the record is right."""
+    async with FakeRealtime(reply_text="Hello, how can I help?") as model, callgate(dsn, model=model) as h:
+        call = h.call(audio=b"")
+        twiml = await call.webhook()
+        with h.bus.subscribe(call.call_sid) as sub:
+            await call.connect()
+            session = await model.wait_for_session()
+            greeting = await call.wait_for_audio(8000)
+            caller_audio = quiet_pattern(1, 400)
+            await call.play(caller_audio, tail_silence_ms=0)
+            received = await session.wait_for_audio(len(caller_audio))
+            events = await until(sub, lambda e: e["type"] == "transcript.done")
+            await call.stop()
+            events += await until(sub, is_ended)
+            await asyncio.wait_for(session.closed.wait(), timeout=5)
+        record = await h.app[CALL_STORE].get(call.call_sid)
+
+    assert twiml.parameters["scenarioId"] == "customer-service"
+    config = session.session_config
+    assert config["type"] == "realtime" and config["audio"]["input"]["format"]["type"] == "audio/pcmu"
+    assert config["audio"]["output"]["voice"] == "coral" and config["instructions"]
+    assert session.headers["Authorization"] == "Bearer test-key" and session.model == "gpt-realtime"
+    assert bytes(received[:len(caller_audio)]) == caller_audio
+    assert greeting >= 8000
+    assert [e["text"] for e in events if e["type"] == "transcript.done"] == ["Hello, how can I help?"]
+    assert "".join(e["delta"] for e in events if e["type"] == "transcript.delta") == "Hello, how can I help?"
+    assert events[0] == {"type": "call.status_changed", "callSid": call.call_sid, "status": "connected"}
+    assert events[-1]["reason"] == "caller_hangup"
+    assert record["status"] == "ended" and record["charge_id"] == call.call_sid
+    assert not call.errors
+
+
+async def test_twenty_calls_at_once_keep_their_audio_apart(dsn):
+    """20 simultaneous calls, each with its own audio: every model session hears exactly one
+    caller, every frame of it; every caller hears only its own session's replies."""
+    n = 20
+    async with FakeRealtime() as model, callgate(dsn, model=model, RATE_LIMIT_MAX_CONCURRENT_CALLS="50") as h:
+        calls = [h.call(audio=b"", from_=f"+1415555{1000 + i}") for i in range(n)]
+        audio = [quiet_pattern(i, 600) for i in range(n)]
+
+        async def run(i: int) -> None:
+            call = calls[i]
+            assert (await call.webhook()).stream_url
+            await call.connect()
+            await call.wait_for_audio(8000)
+            await call.play(audio[i], tail_silence_ms=0)
+
+        await asyncio.gather(*(run(i) for i in range(n)))
+        sessions = [await model.wait_for_session(i + 1) for i in range(n)]
+        for s in sessions:
+            await s.wait_for_audio(len(audio[0]))
+        for call in calls:
+            await call.stop()
+        heard = {bytes(s.audio_in) for s in sessions}
+        replies = {bytes(c.received_audio) for c in calls}
+
+    assert heard == set(audio)  # each session got exactly one caller's audio, all of it, in order
+    assert len(replies) == n  # each caller got its own session's (distinct) reply
+    for call in calls:
+        assert not call.errors
+
+
+async def test_barge_in_truncates_at_the_audio_played(dsn):
+    """Speech over the agent clears Twilio's buffer and truncates the item at exactly the
+    audio the caller heard (from echoed marks); speech into silence does neither."""
+    def reply(session_index: int, response_index: int) -> bytes:
+        # The greeting is long enough to talk over; later replies are short.
+        return tone(3000 if response_index == 0 else 200, freq=200, amplitude=0.2)
+
+    async with FakeRealtime(reply_audio=reply) as model, callgate(dsn, model=model) as h:
+        call = h.call(audio=b"", speed=0.5)  # slow playout: 200 ms between marks
+        await call.webhook()
+        await call.connect()
+        session = await model.wait_for_session()
+        marks = await call.wait_for_mark(4, timeout=10)
+        heard = marks[-1][1]
+        await call.play(tone(200, freq=500), tail_silence_ms=0)  # the caller speaks
+        truncate = await session.wait_for_event("conversation.item.truncate")
+        await call.wait_for_event(lambda e: e.get("event") == "clear")
+        assert call.clears == 1
+        assert truncate["audio_end_ms"] == heard // 8
+        greeting = next(e for e in session.events_out if e["type"] == "response.output_audio.delta")
+        assert truncate["item_id"] == greeting["item_id"]
+
+        # The caller's turn ends; the short reply arrives and plays out completely...
+        received = len(call.received_audio)
+        await call.play(silence(600), tail_silence_ms=0)
+        await call.wait_for_audio(received + 1600, timeout=10)
+        await call.wait_for_mark(sum(1 for e in call.events if e.get("event") == "mark"), timeout=10)
+        # ...then the caller speaks into silence: no clear, no truncate. The reply to that
+        # speech arriving shows the bridge has handled its speech_started by then.
+        received = len(call.received_audio)
+        await call.play(tone(200, freq=500) + silence(600), tail_silence_ms=0)
+        await call.wait_for_audio(received + 1600, timeout=10)
+        assert call.clears == 1
+        assert len(session.truncates) == 1
+        await call.stop()
+
+
+async def test_function_calls_run_and_answer_once(dsn):
+    """A function call from the model runs from the registry; its output goes back once as a
+    string, then the next response is requested; subscribers see it."""
+    async with FakeRealtime(function_calls=[("get_current_time", '{"timezone": "Europe/Paris"}')]) as model, \
+            callgate(dsn, model=model) as h:
+        call = h.call(audio=b"")
+        await call.webhook()
+        with h.bus.subscribe(call.call_sid) as sub:
+            await call.connect()
+            session = await model.wait_for_session()
+            events = await until(sub, lambda e: e["type"] == "function_call")
+            await session.wait_for_event("response.create")  # the greeting's
+            await session.wait_for_event("response.create")  # after the output
+            await call.stop()
+    assert len(session.function_outputs) == 1
+    output = session.function_outputs[0]["output"]
+    assert isinstance(output, str) and "Europe/Paris" in output
+    assert events[-1]["name"] == "get_current_time" and events[-1]["output"] == output
+
+
+async def test_the_time_limit_wraps_up_then_ends_the_call(dsn):
+    """Near the session limit the agent is asked to wrap up; at the limit the call ends and is
+    hung up over REST."""
+    async with FakeRealtime() as model, callgate(dsn, model=model, RATE_LIMIT_SESSION_DURATION="1200") as h:
+        call = h.call(audio=b"")
+        await call.webhook()
+        with h.bus.subscribe(call.call_sid) as sub:
+            await call.connect()
+            session = await model.wait_for_session()
+            events = await until(sub, is_ended, timeout=10)
+            items = [e for e in session.events_in if e["type"] == "conversation.item.create"]
+        await call.wait_closed()
+    assert events[-1]["reason"] == "time_limit"
+    assert any("nearly up" in str(item) for item in items)
+    assert hangups(h, call.call_sid)
+
+
+@pytest.mark.parametrize("fault", ["drop_after_greeting", "no_handshake", "stall", "garbage",
+                                   "no_session_updated", "error_on_update"])
+async def test_model_failures_end_the_call_cleanly(dsn, fault):
+    """Whatever the model does wrong, the call ends within a bounded time: Twilio's socket is
+    closed, the call hung up over REST, the subscribers told, nothing left running."""
+    async with FakeRealtime(fault=fault) as model, \
+            callgate(dsn, model=model, MODEL_READY_TIMEOUT_MS="800") as h:
+        call = h.call(audio=b"")
+        await call.webhook()
+        with h.bus.subscribe(call.call_sid) as sub:
+            await call.connect()
+            events = await until(sub, is_ended, timeout=5)
+        await call.wait_closed(timeout=5)
+        tasks = [t for t in asyncio.all_tasks() if call.call_sid in t.get_name() and not t.done()]
+        live = dict(h.app[CALLS]), h.app[LIFECYCLE].active_calls
+    assert events[-1]["reason"] in ("model_failed", "model_unavailable")
+    assert hangups(h, call.call_sid)
+    assert tasks == [] and live == ({}, 0)
+    assert model.connections == 1
+
+
+async def test_twilio_socket_drop_finalises_the_call_once(dsn):
+    """The caller's stream drops without `stop`: the model socket closes and the call ends once."""
+    async with FakeRealtime() as model, callgate(dsn, model=model) as h:
+        call = h.call(audio=b"")
+        await call.webhook()
+        with h.bus.subscribe(call.call_sid) as sub:
+            await call.connect()
+            session = await model.wait_for_session()
+            await call.wait_for_audio(800)
+            await call.drop()
+            events = await until(sub, is_ended)
+            await asyncio.wait_for(session.closed.wait(), timeout=5)
+            await asyncio.sleep(0)  # nothing else may follow
+            assert sub.queue.empty()
+    assert [e for e in events if is_ended(e)] == [events[-1]]
+    assert events[-1]["reason"] == "stream_closed"

@@ -16,29 +16,44 @@ from db.sql import Queries
 
 
 
+# The advisory lock every instance takes to admit a call under the global cap ("CGADMIT").
+ADMISSION_LOCK = 0x4347_4144_4D49_54
+
+
 class CallStoreUnavailable(Exception):
     """PostgreSQL did not answer in time or could not be reached."""
 
 
 class CallStore:
     def __init__(self, pool: asyncpg.Pool, queries: Queries, timeout: float = 2.0) -> None:
-        queries.require("calls_upsert", "calls_status", "calls_mark_refunded", "calls_get", "stream_token_use")
+        queries.require("calls_admit", "calls_status", "calls_mark_refunded", "calls_get", "stream_token_use")
         self._pool = pool
         self._q = queries
         self._timeout = timeout
 
     async def _fetchrow(self, query: str, *args: Any) -> asyncpg.Record | None:
+        return await self._with_connection(lambda conn: conn.fetchrow(query, *args))
+
+    async def _with_connection(self, work) -> Any:
         try:
             async with asyncio.timeout(self._timeout):
-                return await self._pool.fetchrow(query, *args)
+                async with self._pool.acquire() as conn:
+                    return await work(conn)
         except AWAY as exc:
             raise CallStoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
-    async def record(self, call_sid: str, charge_id: str | None, direction: str, region: str,
-                     scenario_id: str | None) -> bool:
-        """Record an admitted call; False when it was recorded already (a retried webhook)."""
-        row = await self._fetchrow(self._q.calls_upsert, call_sid, charge_id, direction, region, scenario_id)
-        return bool(row["created"])
+    async def admit(self, call_sid: str, charge_id: str | None, direction: str, region: str,
+                    scenario_id: str | None, *, max_live: int, stale_after_s: float) -> tuple[bool, bool]:
+        """Record a call if fewer than ``max_live`` calls are live across every instance.
+        Returns (admitted, created); a call recorded before is admitted again (not created)."""
+        async def admit(conn: asyncpg.Connection) -> asyncpg.Record:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", ADMISSION_LOCK)
+                return await conn.fetchrow(self._q.calls_admit, call_sid, charge_id, direction, region,
+                                           scenario_id, max_live, stale_after_s)
+
+        row = await self._with_connection(admit)
+        return bool(row["admitted"]), bool(row["created"])
 
     async def set_status(self, call_sid: str, status: str, rank: int, reason: str | None = None) -> bool:
         """Move a call forward to ``status``; False when it was already there or further on."""

@@ -34,6 +34,7 @@ log = logging.getLogger("callgate.twilio")
 START_TIMEOUT_S = 5.0         # a stream must send a valid `start` this soon
 MAX_STREAM_FRAME = 64 * 1024  # a media frame is ~300 bytes; start carries our parameters
 REFUND_STATUSES = frozenset({"busy", "no-answer", "failed", "canceled"})
+STALE_GRACE_S = 120.0  # an unended call this long past the session limit was lost with its instance
 
 # What the caller hears when we will not take the call.
 SAY_LIMITED = "Sorry, this number has reached its call limit. Please try again in about {wait}."
@@ -126,15 +127,26 @@ async def twiml(request: web.Request) -> web.Response:
     except scenarios.ScenarioError as exc:
         log.error("webhook %s: %s (check the webhook URL's ?scenario=)", call_sid, exc)
         return _say_and_hang_up(SAY_BUSY)
+    settings = app[SETTINGS]
     try:
-        await app[CALL_STORE].record(call_sid, charge_id, direction, phone.region, scenario.id)
+        admitted, _ = await app[CALL_STORE].admit(
+            call_sid, charge_id, direction, phone.region, scenario.id,
+            max_live=settings.max_concurrent_calls,
+            stale_after_s=settings.session_duration_ms / 1000 + STALE_GRACE_S,
+        )
     except CallStoreUnavailable:
+        # The cap cannot be checked: take the call (the per-number limit still held).
         log.warning("webhook %s: call record not written (database unavailable)", call_sid)
+        admitted = True
+    if not admitted:
+        log.warning("webhook %s refused: %d calls live already", call_sid, settings.max_concurrent_calls)
+        await limiter.refund(charge_id)
+        return _say_and_hang_up(SAY_BUSY)
     params = {"scenarioId": scenario.id, "config": orjson.dumps(config).decode(), "voice": scenario.default_voice}
     token = tokens.mint(app[TOKEN_SECRET], call_sid, params)
     response = VoiceResponse()
     connect = Connect()
-    stream = connect.stream(url=stream_url(app[SETTINGS].public_url))
+    stream = connect.stream(url=stream_url(settings.public_url))
     for name, value in {**params, tokens.TOKEN_PARAMETER: token}.items():
         stream.parameter(name=name, value=value)
     response.append(connect)

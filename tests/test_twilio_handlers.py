@@ -1,0 +1,211 @@
+"""Twilio's edges refuse what is not Twilio's: signatures on /twiml, /twilio/status and the
+/call handshake, per-call stream tokens, numbers over their limit; status callbacks refund."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+import websockets
+from twilio.request_validator import RequestValidator
+
+from appkeys import CALL_STORE, LIMITER, TOKEN_SECRET
+from bridge import tokens
+from callgate_harness import AUTH_TOKEN, PUBLIC_URL, callgate
+from tools.fake_realtime import FakeRealtime
+
+
+def sign(url: str, params: dict) -> str:
+    return RequestValidator(AUTH_TOKEN).compute_signature(url, params)
+
+
+async def post(h, path: str, form: dict, signature: str | None) -> aiohttp.ClientResponse:
+    headers = {"X-Twilio-Signature": signature} if signature is not None else {}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(h.url + path, data=form, headers=headers) as resp:
+            await resp.read()
+            return resp
+
+
+FORM = {"CallSid": "CA" + "1" * 32, "AccountSid": "AC1", "From": "+14155550100", "To": "+14155550199",
+        "Direction": "inbound", "CallStatus": "ringing"}
+
+
+@pytest.mark.parametrize("path", ["/twiml", "/twilio/status"])
+async def test_unsigned_forged_and_wrong_url_requests_are_403(dsn, path):
+    """Missing, forged, and other-URL signatures are refused with 403 and reach nothing."""
+    async with FakeRealtime() as model, callgate(dsn, model=model) as h:
+        form = dict(FORM, CallStatus="no-answer") if path == "/twilio/status" else FORM
+        cases = {
+            "missing": None,
+            "forged": "bm90IGEgc2lnbmF0dXJl",
+            "wrong url": sign("https://elsewhere.test" + path, form),
+            "wrong params": sign(PUBLIC_URL + path, dict(form, From="+14155550111")),
+        }
+        statuses = {name: (await post(h, path, form, sig)).status for name, sig in cases.items()}
+        good = (await post(h, path, form, sign(PUBLIC_URL + path, form))).status
+    assert statuses == dict.fromkeys(cases, 403)
+    assert good in (200, 204)
+    assert model.connections == 0
+
+
+async def test_media_stream_handshake_needs_twilios_signature(dsn):
+    """The /call upgrade without a valid signature is refused before any model connection."""
+    async with FakeRealtime() as model, callgate(dsn, model=model) as h:
+        ws_url = h.url.replace("http", "ws") + "/call"
+        for headers in ({}, {"X-Twilio-Signature": "Zm9yZ2Vk"},
+                        {"X-Twilio-Signature": sign("wss://elsewhere.test/call", {})}):
+            with pytest.raises(websockets.InvalidStatus) as info:
+                async with websockets.connect(ws_url, additional_headers=headers):
+                    pass
+            assert info.value.response.status_code == 403
+    assert model.connections == 0
+
+
+@pytest.mark.parametrize("case", ["missing", "expired", "reused", "other call", "changed parameters"])
+async def test_bad_stream_tokens_close_1008_before_the_model(dsn, case):
+    """A start without a valid, fresh, unused token for its own call is closed with 1008, and
+    no model connection is opened for it."""
+    async with FakeRealtime() as model, callgate(dsn, model=model) as h:
+        call = h.call(audio=b"")
+        twiml = await call.webhook()
+        params = dict(twiml.parameters)
+        start_sid = None
+        if case == "missing":
+            del params["token"]
+        elif case == "expired":
+            secret = h.app[TOKEN_SECRET]
+            plain = {k: v for k, v in params.items() if k != "token"}
+            params["token"] = tokens.mint(secret, call.call_sid, plain, now=0)
+        elif case == "other call":
+            start_sid = "CA" + "9" * 32
+        elif case == "changed parameters":
+            params["voice"] = "cedar"
+        elif case == "reused":
+            first = h.call(audio=b"", call_sid=call.call_sid)
+            await first.connect(twiml.stream_url, params)
+            await model.wait_for_session()
+            await first.stop()
+        connections_before = model.connections
+        await call.connect(twiml.stream_url, params, start_call_sid=start_sid)
+        code = await call.wait_closed()
+        assert model.connections == connections_before
+    assert code == 1008
+
+
+async def test_a_socket_without_start_is_closed(dsn):
+    """A stream that never sends a valid start is closed with 1008 within a few seconds."""
+    async with FakeRealtime() as model, callgate(dsn, model=model) as h:
+        call = h.call(audio=b"")
+        await call.webhook()
+        await call.connect(send_start=False)
+        assert await call.wait_closed(timeout=10) == 1008
+    assert model.connections == 0
+
+
+async def test_over_the_limit_the_caller_hears_when_to_try_again(dsn):
+    """A number past its limit gets <Say> and <Hangup/>, and no model session; a retried
+    webhook of an admitted call charges nothing more."""
+    async with FakeRealtime() as model, callgate(dsn, model=model, RATE_LIMIT_PHONE_MAX_CALLS="1") as h:
+        first = h.call(audio=b"", from_="+14155550142")
+        assert (await first.webhook()).stream_url
+        assert (await first.webhook()).stream_url  # Twilio's retry: same CallSid
+        second = h.call(audio=b"", from_="+1 415 555 0142")
+        twiml = await second.webhook()
+    assert twiml.stream_url is None and twiml.hangup
+    assert "try again in about 60 minutes" in twiml.say
+    assert model.connections == 0
+
+
+async def test_refused_numbers_hear_so_and_are_not_charged(dsn):
+    """A caller from a premium-rate or off-list number is told and hung up on."""
+    async with callgate(dsn) as h:
+        twiml = await h.call(audio=b"", from_="+442079460000").webhook()
+    assert twiml.hangup and "cannot take calls" in twiml.say
+
+
+async def test_outbound_calls_are_charged_to_the_called_number(dsn):
+    """For Direction outbound-api the limited number is To, not From."""
+    async with callgate(dsn) as h:
+        call = h.call(audio=b"", direction="outbound-api", from_="+14155550100", to="+14155550177")
+        assert (await call.webhook()).stream_url
+        limiter = h.app[LIMITER]
+        assert (await limiter.test("+14155550177")).remaining == 1
+        assert (await limiter.test("+14155550100")).remaining == 2
+
+
+async def test_no_answer_refunds_once_and_late_callbacks_change_nothing(dsn):
+    """busy/no-answer/failed/canceled refund the call's charge, once; a duplicate or a late
+    earlier status changes nothing; subscribers see each real change once."""
+    async with callgate(dsn) as h:
+        call = h.call(audio=b"", from_="+14155550166")
+        await call.webhook()
+        limiter = h.app[LIMITER]
+        assert (await limiter.test("+14155550166")).remaining == 1
+
+        async def status(value: str) -> int:
+            form = dict(FORM, CallSid=call.call_sid, CallStatus=value)
+            return (await post(h, "/twilio/status", form, sign(PUBLIC_URL + "/twilio/status", form))).status
+
+        with h.bus.subscribe(call.call_sid) as sub:
+            assert [await status(s) for s in ("ringing", "no-answer", "no-answer", "ringing", "completed")] \
+                == [204] * 5
+            seen = [sub.queue.get_nowait()["status"] for _ in range(sub.queue.qsize())]
+        record = await h.app[CALL_STORE].get(call.call_sid)
+        assert (await limiter.test("+14155550166")).remaining == 2
+    assert seen == ["ringing", "no-answer"]
+    assert record["status"] == "no-answer" and record["refunded"]
+
+
+async def test_status_callback_bad_input_is_400(dsn):
+    """A callback without a CallSid or with an unknown status is a 400, not a crash."""
+    async with callgate(dsn) as h:
+        for form in ({"CallStatus": "busy"}, dict(FORM, CallStatus="exploded")):
+            assert (await post(h, "/twilio/status", form, sign(PUBLIC_URL + "/twilio/status", form))).status == 400
+
+
+async def test_dtmf_reaches_the_model_as_text(dsn):
+    """A keypad press becomes a user message for the model."""
+    async with FakeRealtime() as model, callgate(dsn, model=model) as h:
+        call = h.call(audio=b"")
+        await call.webhook()
+        await call.connect()
+        session = await model.wait_for_session()
+        await call.wait_for_audio(800)
+        await call.send_dtmf("7")
+        event = await session.wait_for_event("conversation.item.create")
+        await call.stop()
+    assert "pressed the key 7" in event["item"]["content"][0]["text"]
+
+
+async def test_scenarios_and_tools_are_listed(dsn):
+    """GET /scenarios and GET /tools publish the schemas."""
+    async with callgate(dsn) as h, aiohttp.ClientSession() as session:
+        async with session.get(h.url + "/scenarios") as resp:
+            scenarios = await resp.json()
+        async with session.get(h.url + "/tools") as resp:
+            tools = await resp.json()
+    assert {s["id"] for s in scenarios["scenarios"]} == {"job-interview", "customer-service"}
+    assert {t["name"] for t in tools["tools"]} >= {"end_call", "get_current_time"}
+
+
+async def test_the_global_cap_on_live_calls(dsn):
+    """Past RATE_LIMIT_MAX_CONCURRENT_CALLS live calls a new caller hears "try later" and is not
+    charged; when a call ends its place is free again."""
+    async with callgate(dsn, RATE_LIMIT_MAX_CONCURRENT_CALLS="2") as h:
+        first, second = h.call(audio=b"", from_="+14155550101"), h.call(audio=b"", from_="+14155550102")
+        assert (await first.webhook()).stream_url and (await second.webhook()).stream_url
+        third = h.call(audio=b"", from_="+14155550103")
+        refused = await third.webhook()
+        assert refused.hangup and "right now" in refused.say
+        assert (await h.app[LIMITER].test("+14155550103")).remaining == 2
+        await first.connect()
+        await first.wait_for_audio(800)
+        await first.stop()
+        await first.wait_closed()
+        async with asyncio.timeout(5):
+            while (await h.app[CALL_STORE].get(first.call_sid))["status"] != "ended":
+                await asyncio.sleep(0.02)
+        again = h.call(audio=b"", from_="+14155550103")
+        assert (await again.webhook()).stream_url

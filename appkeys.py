@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import time
 from dataclasses import dataclass, field
 
+import aiohttp
 from aiohttp import web
 
 from bridge.call import Call, CallServices
@@ -28,6 +30,14 @@ class Lifecycle:
     spent_tokens: set[str] = field(default_factory=set)
 
 
+@dataclass
+class FrontendState:
+    """Who is connected on /logs: open sockets per client IP, and every socket (for shutdown)."""
+
+    per_ip: collections.Counter = field(default_factory=collections.Counter)
+    sockets: set[web.WebSocketResponse] = field(default_factory=set)
+
+
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
@@ -39,3 +49,5 @@ CALLS = web.AppKey("calls", dict[str, Call])
 CALL_SERVICES = web.AppKey("call_services", CallServices)
 TWILIO_REST = web.AppKey("twilio_rest", TwilioRest)
 TOKEN_SECRET = web.AppKey("token_secret", bytes)
+HTTP = web.AppKey("http", aiohttp.ClientSession)  # outgoing HTTP (Turnstile)
+FRONTEND = web.AppKey("frontend", FrontendState)

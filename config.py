@@ -189,6 +189,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("TWILIO_PHONE_NUMBER_US", None, "caller id for US calls (and the fallback)", _phone, "twilio_number_us"),
     Variable("TWILIO_PHONE_NUMBER_AU", None, "caller id for AU calls", _phone, "twilio_number_au"),
     Variable("TWILIO_PHONE_NUMBER_IN", None, "caller id for IN calls", _phone, "twilio_number_in"),
+    Variable("TWILIO_REST_TIMEOUT_MS", "10000", "longest wait for one Twilio REST request, ms", _int(100, 60_000), "twilio_rest_timeout_ms"),
     Variable("TWILIO_API_BASE_URL", "https://api.twilio.com", "Twilio REST base URL", _url("http", "https"), "twilio_api_base_url"),
     Variable("CALLGATE_ENV", "development", "development or production (missing secrets are fatal)", _choice("development", "production"), "env"),
     Variable("ADMIN_TOKEN", None, "bearer token for admin routes and the all-calls monitor", _secret, "admin_token", True),
@@ -230,6 +231,7 @@ class Settings:
     twilio_number_au: str | None = None
     twilio_number_in: str | None = None
     twilio_api_base_url: str = "https://api.twilio.com"
+    twilio_rest_timeout_ms: int = 10_000
     env: str = "development"
     admin_token: Secret | None = None
     log_format: str = "text"

@@ -15,15 +15,17 @@ import contextlib
 import logging
 import os
 import sys
+from pathlib import Path
 from collections.abc import AsyncIterator, Callable
 
 import orjson
-from aiohttp import web
+import aiohttp
+from aiohttp import WSCloseCode, web
 
 import logsetup
 import scenarios
-from appkeys import (BUS, CALL_SERVICES, CALL_STORE, CALLS, DATABASE, LIFECYCLE, LIMITER, METRICS, SETTINGS,
-                     TOKEN_SECRET, TWILIO_REST, Lifecycle)
+from appkeys import (BUS, CALL_SERVICES, CALL_STORE, CALLS, DATABASE, FRONTEND, HTTP, LIFECYCLE, LIMITER,
+                     METRICS, SETTINGS, TOKEN_SECRET, TWILIO_REST, FrontendState, Lifecycle)
 from bridge import functions, tokens
 from bridge.call import CallServices
 from bridge.events import STATUS_RANK, EventBus
@@ -34,7 +36,7 @@ from db.calls import CallStore, CallStoreUnavailable
 from db.database import open_database
 from db.migrate import migrate
 from db.sql import Queries
-from handlers import admin, health
+from handlers import admin, frontend, health
 from handlers import twilio as twilio_handlers
 from limiter.limiter import Limiter, Regions
 from limiter.phone import PhoneKeyer
@@ -45,6 +47,7 @@ from twilio_rest import TwilioRest
 log = logging.getLogger("callgate")
 
 WRAP_UP_S = 20.0  # the agent is asked to wrap up this long before the session limit
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 def build_limiter(settings: Settings, db_pool, metrics: Metrics | None = None,
@@ -77,13 +80,15 @@ def create_app(settings: Settings, *, limiter_clock: Callable[[], int | None] | 
     app[LIFECYCLE] = Lifecycle()
     app[BUS] = EventBus()
     app[CALLS] = {}
+    app[FRONTEND] = FrontendState()
     app[TOKEN_SECRET] = tokens.derive_secret(settings.phone_key.value)
     connector = connector or model_connector(settings)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         rest = app[TWILIO_REST] = TwilioRest(settings.twilio_account_sid,
                                              settings.twilio_auth_token.value if settings.twilio_auth_token else None,
-                                             settings.twilio_api_base_url)
+                                             settings.twilio_api_base_url, settings.twilio_rest_timeout_ms / 1000)
+        app[HTTP] = http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
         try:
             async with open_database(settings) as db:
                 app[DATABASE] = db
@@ -99,10 +104,15 @@ def create_app(settings: Settings, *, limiter_clock: Callable[[], int | None] | 
                         await maintenance
         finally:
             await rest.close()
+            await http.close()
 
     async def drain(app: web.Application) -> None:
         """SIGTERM: refuse new calls, give live ones until the deadline, then end them."""
         app[LIFECYCLE].draining = True
+        # Browsers reconnect elsewhere at once on GOING_AWAY (1001); left open, they would
+        # hold shutdown until its timeout and then see 1006.
+        for ws in list(app[FRONTEND].sockets):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
         calls = app[CALLS]
         if calls:
             log.info("draining: %d live call(s), up to %.0f s", len(calls), drain_timeout)
@@ -121,6 +131,9 @@ def create_app(settings: Settings, *, limiter_clock: Callable[[], int | None] | 
     app.router.add_route("*", "/twiml", twilio_handlers.twiml)
     app.router.add_post("/twilio/status", twilio_handlers.status_callback)
     app.router.add_get("/call", twilio_handlers.media_stream)
+    app.router.add_get("/logs", frontend.logs)
+    app.router.add_get("/", index)
+    app.router.add_static("/static/", STATIC_DIR)
     app.router.add_get("/scenarios", list_scenarios)
     app.router.add_get("/tools", list_tools)
     app.router.add_get("/public-url", public_url)
@@ -147,6 +160,10 @@ def call_services(settings: Settings, app: web.Application, connector: ModelConn
         ready_timeout_s=settings.model_ready_timeout_ms / 1000,
         observe_frame=app[METRICS].frame_observer(),
     )
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
 
 async def list_scenarios(request: web.Request) -> web.Response:

@@ -20,6 +20,18 @@ REST_TIMEOUT_S = 10.0
 ALREADY_ENDED_CODES = frozenset({20404, 21220})
 
 
+class CallRefused(Exception):
+    """Twilio definitely did not place the call (a 4xx answer): the charge can be released."""
+
+    def __init__(self, status: int, code: int | None, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class CallOutcomeUnknown(Exception):
+    """No answer in time, or a server error: the call may or may not have been placed."""
+
+
 class TwilioRest:
     def __init__(self, account_sid: str | None, auth_token: str | None, base_url: str,
                  timeout: float = REST_TIMEOUT_S) -> None:
@@ -49,6 +61,28 @@ class TwilioRest:
             return False
         log.info("hung up %s over REST", call_sid)
         return True
+
+    async def create_call(self, *, to: str, from_: str, url: str, status_callback: str) -> str:
+        """Place an outbound call; returns its CallSid. Raises CallRefused (4xx: nothing placed)
+        or CallOutcomeUnknown (timeout, 5xx, network: it may have been placed). Never retried:
+        one request, at most one call."""
+        if self._client is None:
+            raise CallRefused(503, None, "Twilio credentials are not configured")
+        try:
+            async with asyncio.timeout(self._timeout):
+                call = await self._client.calls.create_async(
+                    to=to, from_=from_, url=url, method="POST",
+                    status_callback=status_callback, status_callback_method="POST",
+                    status_callback_event=["initiated", "ringing", "answered", "completed"],
+                    timeout=30,
+                )
+        except TwilioRestException as exc:
+            if 400 <= exc.status < 500:
+                raise CallRefused(exc.status, exc.code, str(exc.msg)[:200]) from exc
+            raise CallOutcomeUnknown(f"Twilio answered {exc.status}") from exc
+        except Exception as exc:  # noqa: BLE001 - timeouts, sockets, HTTP: all leave the outcome open
+            raise CallOutcomeUnknown(type(exc).__name__) from exc
+        return call.sid
 
     async def close(self) -> None:
         if self._client is not None:

@@ -103,15 +103,15 @@ class EventBus:
         yield from self._by_call.get(call_sid, ())
         yield from self._all
 
-    def subscribe(self, call_sid: str | None = None, maxsize: int = 256) -> Subscription:
+    def subscribe(self, call_sid: str | None = None, maxsize: int = 256, *, with_status: bool = True) -> Subscription:
         """Events of one call (or, with None, of every call) from now on, starting with the
-        call's current status when it has one."""
+        call's current status when it has one (unless ``with_status`` is False)."""
         sub = Subscription(self, call_sid, maxsize)
         if call_sid is None:
             self._all.add(sub)
         else:
             self._by_call.setdefault(call_sid, set()).add(sub)
-            if call_sid in self._status:
+            if with_status and call_sid in self._status:
                 sub.offer(self._status[call_sid])
         return sub
 

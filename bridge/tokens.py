@@ -82,3 +82,18 @@ def verify(secret: bytes, token: str | None, call_sid: str, params: Mapping[str,
     if int(claims.get("e", 0)) < (now if now is not None else time.time()):
         raise TokenError("stream token expired")
     return TokenClaims(call_sid, str(claims["j"]), int(claims["e"]))
+
+
+# --- subscription tokens: what lets a frontend follow (and end) one call -------------------
+
+
+def subscription_token(secret: bytes, call_sid: str) -> str:
+    """Stateless, so any instance can check it: HMAC of the CallSid under a key of its own."""
+    mac = hmac.new(secret, b"subscribe|" + call_sid.encode(), hashlib.sha256).digest()
+    return _b64(mac[:24])
+
+
+def check_subscription(secret: bytes, call_sid: object, token: object) -> bool:
+    if not isinstance(call_sid, str) or not isinstance(token, str):
+        return False
+    return hmac.compare_digest(token.encode(), subscription_token(secret, call_sid).encode())

@@ -26,7 +26,7 @@ class CallStoreUnavailable(Exception):
 
 class CallStore:
     def __init__(self, pool: asyncpg.Pool, queries: Queries, timeout: float = 2.0) -> None:
-        queries.require("calls_admit", "calls_status", "calls_mark_refunded", "calls_get", "stream_token_use")
+        queries.require("calls_admit", "calls_record", "call_requests_put", "call_requests_get", "calls_status", "calls_mark_refunded", "calls_get", "stream_token_use")
         self._pool = pool
         self._q = queries
         self._timeout = timeout
@@ -54,6 +54,18 @@ class CallStore:
 
         row = await self._with_connection(admit)
         return bool(row["admitted"]), bool(row["created"])
+
+    async def record(self, call_sid: str, charge_id: str, direction: str, region: str, scenario_id: str) -> None:
+        """Record a call we placed, before Twilio reports on it."""
+        await self._fetchrow(self._q.calls_record, call_sid, charge_id, direction, region, scenario_id)
+
+    async def put_request(self, reservation_id: str, scenario_id: str, config_json: str, voice: str) -> None:
+        """Remember what an outbound call is for, until its webhook asks."""
+        await self._fetchrow(self._q.call_requests_put, reservation_id, scenario_id, config_json, voice)
+
+    async def get_request(self, reservation_id: str) -> dict[str, Any] | None:
+        row = await self._fetchrow(self._q.call_requests_get, reservation_id)
+        return dict(row) if row else None
 
     async def set_status(self, call_sid: str, status: str, rank: int, reason: str | None = None) -> bool:
         """Move a call forward to ``status``; False when it was already there or further on."""

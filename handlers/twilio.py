@@ -122,10 +122,10 @@ async def twiml(request: web.Request) -> web.Response:
         return _say_and_hang_up(SAY_BUSY)
 
     try:
-        scenario = scenarios.get(request.query.get("scenario"))
-        config = scenario.validate({})
+        scenario, config, voice = await _call_setup(app, request, charge_id)
     except scenarios.ScenarioError as exc:
         log.error("webhook %s: %s (check the webhook URL's ?scenario=)", call_sid, exc)
+        await limiter.refund(charge_id)
         return _say_and_hang_up(SAY_BUSY)
     settings = app[SETTINGS]
     try:
@@ -142,7 +142,7 @@ async def twiml(request: web.Request) -> web.Response:
         log.warning("webhook %s refused: %d calls live already", call_sid, settings.max_concurrent_calls)
         await limiter.refund(charge_id)
         return _say_and_hang_up(SAY_BUSY)
-    params = {"scenarioId": scenario.id, "config": orjson.dumps(config).decode(), "voice": scenario.default_voice}
+    params = {"scenarioId": scenario.id, "config": orjson.dumps(config).decode(), "voice": voice}
     token = tokens.mint(app[TOKEN_SECRET], call_sid, params)
     response = VoiceResponse()
     connect = Connect()
@@ -152,6 +152,23 @@ async def twiml(request: web.Request) -> web.Response:
     response.append(connect)
     log.info("webhook %s (%s, %s): connecting to %s", call_sid, direction, phone.masked, scenario.id)
     return _twiml(response)
+
+
+async def _call_setup(app: web.Application, request: web.Request,
+                      charge_id: str) -> tuple[scenarios.Scenario, dict[str, str], str]:
+    """What the agent does on this call: what call.start asked for (found by the reservation
+    id the webhook URL carries), else the webhook URL's ?scenario= with its defaults."""
+    if "charge" in request.query:
+        try:
+            wanted = await app[CALL_STORE].get_request(charge_id)
+        except CallStoreUnavailable:
+            wanted = None
+            log.warning("call request %s unreadable (database unavailable): default scenario", charge_id)
+        if wanted is not None:
+            scenario = scenarios.get(wanted["scenario_id"])
+            return scenario, scenario.validate(orjson.loads(wanted["config"])), scenario.voice(wanted["voice"])
+    scenario = scenarios.get(request.query.get("scenario"))
+    return scenario, scenario.validate({}), scenario.default_voice
 
 
 # --- status callbacks -----------------------------------------------------------------------

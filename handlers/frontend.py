@@ -1,0 +1,336 @@
+"""``WS /logs``: the frontend protocol (SPEC §6) for our web page and other apps.
+
+Each client gets a bounded outgoing queue and a sender task of its own: a browser that stops
+reading fills its own queue and is disconnected, and never slows a call or another browser.
+Only typed call events (status, transcripts, function calls) reach a client, and only for
+calls it holds a token for (or every call, for an operator with ADMIN_TOKEN).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from typing import Any
+
+import orjson
+from aiohttp import WSMsgType, web
+
+import scenarios
+import turnstile
+from appkeys import BUS, CALL_STORE, CALLS, FRONTEND, HTTP, LIMITER, SETTINGS, TOKEN_SECRET, TWILIO_REST
+from bridge import events, tokens
+from db.calls import CallStoreUnavailable
+from limiter.errors import InvalidNumber
+from limiter.rules import Decision
+from twilio_rest import CallOutcomeUnknown, CallRefused
+
+log = logging.getLogger("callgate.frontend")
+
+MAX_FRAME = 64 * 1024      # larger frames close the socket with 1009
+CLIENT_QUEUE = 256         # messages waiting for one client before it counts as stuck
+SEND_TIMEOUT_S = 5.0       # one message taking longer than this to go out: the client is stuck
+HEARTBEAT_S = 30.0
+
+
+def client_ip(request: web.Request) -> str:
+    # Behind Fly's proxy the client's address is in Fly-Client-IP, set by the proxy itself;
+    # X-Forwarded-For can be written by anyone and is not trusted.
+    return request.headers.get("Fly-Client-IP") or request.remote or "unknown"
+
+
+def origin_allowed(request: web.Request) -> bool:
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True  # not a browser (browsers always send Origin on a WebSocket upgrade)
+    return origin.rstrip("/") in request.app[SETTINGS].allowed_origins
+
+
+async def logs(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    if not origin_allowed(request):
+        raise web.HTTPForbidden(text="origin not allowed: add it to ALLOWED_ORIGINS")
+    state = app[FRONTEND]
+    ip = client_ip(request)
+    if state.per_ip[ip] >= app[SETTINGS].max_connections_per_ip:
+        raise web.HTTPForbidden(text="too many open connections from this address")
+    # Counted before the upgrade completes: the next upgrade from this address may be handled
+    # while this one is still sending its 101.
+    state.per_ip[ip] += 1
+    ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_FRAME, compress=False)
+    client = Client(app, ws, ip, request.transport)
+    try:
+        await ws.prepare(request)
+        state.sockets.add(ws)
+        log.info("frontend client %s connected (%d from this address)", client.id, state.per_ip[ip])
+        await client.run()
+    finally:
+        state.sockets.discard(ws)
+        state.per_ip[ip] -= 1
+        if state.per_ip[ip] <= 0:
+            del state.per_ip[ip]
+        log.info("frontend client %s disconnected", client.id)
+    return ws
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"type": "error", "code": code, "message": message}
+
+
+def _limit_fields(decision: Decision) -> dict[str, Any]:
+    fields: dict[str, Any] = {"allowed": decision.allowed, "remaining": decision.remaining,
+                              "limit": decision.limit, "resetTime": decision.reset_time}
+    if decision.reason:
+        fields["reason"] = decision.reason
+        fields["message"] = decision.message
+    return fields
+
+
+class Client:
+    """One frontend connection: reads requests, answers through its own bounded queue."""
+
+    def __init__(self, app: web.Application, ws: web.WebSocketResponse, ip: str, transport) -> None:
+        self.app = app
+        self.ws = ws
+        self._transport = transport
+        self.ip = ip
+        self.id = secrets.token_hex(4)
+        self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(CLIENT_QUEUE)
+        self.followed: dict[str, asyncio.Task] = {}  # callSid (or "*") → forwarding task
+        self.tokens: dict[str, str] = {}             # calls this client may end
+        self.starting: asyncio.Task | None = None
+        self.stuck = False
+
+    # --- the connection's life -------------------------------------------------------------
+
+    async def run(self) -> None:
+        sender = asyncio.create_task(self._send_loop(), name=f"frontend-{self.id}:sender")
+        try:
+            async for msg in self.ws:
+                if msg.type == WSMsgType.TEXT:
+                    await self._handle(msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    self.send(_error("invalid_message", "send JSON text frames"))
+        finally:
+            for task in [sender, *self.followed.values(), *([self.starting] if self.starting else [])]:
+                task.cancel()
+            await asyncio.gather(sender, *self.followed.values(), return_exceptions=True)
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Queue a message; a client too far behind is disconnected, never waited for."""
+        if self.stuck:
+            return
+        try:
+            self.outbox.put_nowait(message)
+        except asyncio.QueueFull:
+            self._drop("fell too far behind")
+
+    async def _send_loop(self) -> None:
+        while True:
+            message = await self.outbox.get()
+            try:
+                async with asyncio.timeout(SEND_TIMEOUT_S):
+                    await self.ws.send_str(orjson.dumps(message).decode())
+            except TimeoutError:
+                self._drop("stopped reading")
+                return
+            except ConnectionResetError:
+                return
+
+    def _drop(self, why: str) -> None:
+        if self.stuck:
+            return
+        self.stuck = True
+        log.warning("frontend client %s %s: disconnected", self.id, why)
+        # Abort, not close: a close frame would queue behind the data it is not reading.
+        if self._transport is not None:
+            self._transport.abort()
+
+    # --- requests ----------------------------------------------------------------------------
+
+    async def _handle(self, data: str) -> None:
+        try:
+            message = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self.send(_error("invalid_json", "the frame is not valid JSON"))
+            return
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            self.send(_error("invalid_message", "send a JSON object with a string 'type'"))
+            return
+        kind = message["type"]
+        handler = {
+            "rate_limit_check": self._rate_limit_check,
+            "call.start": self._call_start,
+            "call.subscribe": self._call_subscribe,
+            "call.end": self._call_end,
+        }.get(kind)
+        if handler is None:
+            self.send(_error("unknown_type", f"unknown message type {kind[:60]!r}"))
+            return
+        await handler(message)
+
+    async def _rate_limit_check(self, message: dict[str, Any]) -> None:
+        number = message.get("phoneNumber")
+        if not isinstance(number, str):
+            self.send(_error("invalid_message", "rate_limit_check needs a string phoneNumber"))
+            return
+        decision = await self.app[LIMITER].test(number)
+        # The number is echoed exactly as sent: existing clients match replies on it.
+        self.send({"type": "rate_limit_status", "phoneNumber": number, **_limit_fields(decision)})
+
+    async def _call_start(self, message: dict[str, Any]) -> None:
+        if self.starting is not None and not self.starting.done():
+            self.send(_error("busy", "a call is already being placed from this connection"))
+            return
+        # Placing a call waits for Twilio: do it beside the reader, so this client's other
+        # requests (a rate-limit check, call.end) are still answered meanwhile.
+        self.starting = asyncio.create_task(self._place_call(message), name=f"frontend-{self.id}:call.start")
+
+    async def _place_call(self, message: dict[str, Any]) -> None:
+        try:
+            await OutboundCall(self, message).place()
+        except Exception:  # noqa: BLE001 - a bug must not kill the connection silently
+            log.exception("call.start failed")
+            self.send(_error("internal", "the call could not be placed"))
+
+    async def _call_subscribe(self, message: dict[str, Any]) -> None:
+        if message.get("all") is True:
+            admin = self.app[SETTINGS].admin_token
+            given = message.get("adminToken")
+            if not admin or not isinstance(given, str) or not secrets.compare_digest(given.encode(),
+                                                                                     admin.value.encode()):
+                self.send(_error("forbidden", "a valid adminToken is needed to follow every call"))
+                return
+            self.follow(None)
+            return
+        call_sid, token = message.get("callSid"), message.get("token")
+        if not tokens.check_subscription(self.app[TOKEN_SECRET], call_sid, token):
+            self.send(_error("forbidden", "callSid and its token are needed to follow a call"))
+            return
+        self.tokens[call_sid] = token
+        self.follow(call_sid)
+        if self.app[BUS].current_status(call_sid) is None:
+            await self._send_stored_status(call_sid)
+
+    async def _send_stored_status(self, call_sid: str) -> None:
+        """A call this instance has no news of (its stream is elsewhere, or it ended): tell
+        the client what the database knows."""
+        with contextlib.suppress(CallStoreUnavailable):
+            record = await self.app[CALL_STORE].get(call_sid)
+            if record is not None:
+                self.send(events.status_changed(call_sid, record["status"], record["end_reason"]))
+
+    def follow(self, call_sid: str | None, *, with_status: bool = True) -> None:
+        """Forward the bus's events of one call (None: of every call) to this client, starting
+        with the call's current status unless ``with_status`` is False."""
+        key = call_sid or "*"
+        if key in self.followed:
+            return
+        sub = self.app[BUS].subscribe(call_sid, maxsize=CLIENT_QUEUE, with_status=with_status)
+        self.followed[key] = asyncio.create_task(self._forward(sub), name=f"frontend-{self.id}:follow")
+
+    async def _forward(self, sub: events.Subscription) -> None:
+        with sub:
+            overflow = asyncio.create_task(sub.overflowed.wait())
+            try:
+                while not self.stuck:
+                    getting = asyncio.create_task(sub.get())
+                    done, _ = await asyncio.wait({getting, overflow}, return_when=asyncio.FIRST_COMPLETED)
+                    if overflow in done:
+                        getting.cancel()
+                        self._drop("fell too far behind on call events")
+                        return
+                    self.send(getting.result())
+            finally:
+                overflow.cancel()
+
+    async def _call_end(self, message: dict[str, Any]) -> None:
+        call_sid = message.get("callSid")
+        if call_sid is None and len(self.tokens) == 1:
+            call_sid = next(iter(self.tokens))
+        if not isinstance(call_sid, str) or call_sid not in self.tokens:
+            self.send(_error("forbidden", "only a client following the call with its token can end it"))
+            return
+        call = self.app[CALLS].get(call_sid)
+        if call is not None:
+            call.request_end("ended_by_client")
+        else:
+            # The stream is on another instance, or not open yet: Twilio ends the call, and
+            # with it the stream, wherever that is.
+            await self.app[TWILIO_REST].hangup(call_sid)
+
+
+class OutboundCall:
+    """One call.start: validate, verify the human, charge, place over Twilio REST, subscribe."""
+
+    def __init__(self, client: Client, message: dict[str, Any]) -> None:
+        self.client = client
+        self.app = client.app
+        self.message = message
+        self.number_as_sent = message.get("phoneNumber")
+
+    def fail(self, code: str, text: str) -> None:
+        self.client.send(_error(code, text))
+
+    async def place(self) -> None:
+        app, settings, msg = self.app, self.app[SETTINGS], self.message
+        if not isinstance(self.number_as_sent, str):
+            return self.fail("invalid_message", "call.start needs a string phoneNumber")
+        try:
+            phone = app[LIMITER].parse(self.number_as_sent)
+            scenario = scenarios.get(msg.get("scenarioId"))
+            config = scenario.validate(msg.get("config"))
+            voice = scenario.voice(msg.get("voice"))
+        except InvalidNumber as exc:
+            return self.fail("invalid_number", exc.message)
+        except scenarios.ScenarioError as exc:
+            return self.fail("invalid_config", str(exc))
+        if settings.turnstile_secret and not await turnstile.verify(
+                app[HTTP], settings.turnstile_verify_url, settings.turnstile_secret.value,
+                msg.get("turnstileToken"), self.client.ip):
+            return self.fail("turnstile_failed", "the human check failed; reload the page and try again")
+        caller_id = {"US": settings.twilio_number_us, "AU": settings.twilio_number_au,
+                     "IN": settings.twilio_number_in}.get(phone.region) or settings.twilio_number_us
+        if not app[TWILIO_REST].enabled or not caller_id:
+            return self.fail("telephony_unavailable", "this server is not set up to place calls")
+
+        reservation = "RS" + secrets.token_hex(16)
+        try:
+            await app[CALL_STORE].put_request(reservation, scenario.id, orjson.dumps(config).decode(), voice)
+        except CallStoreUnavailable:
+            return self.fail("unavailable", "calls cannot be placed right now; try again shortly")
+        decision = await app[LIMITER].hit(phone, reservation)
+        if not decision.allowed:
+            self.client.send({"type": "rate_limit_exceeded", "phoneNumber": self.number_as_sent,
+                              "reason": decision.reason, "resetTime": decision.reset_time,
+                              "message": decision.message})
+            return None
+
+        public = settings.public_url
+        try:
+            call_sid = await app[TWILIO_REST].create_call(
+                to=phone.e164, from_=caller_id,
+                url=f"{public}/twiml?charge={reservation}",
+                status_callback=f"{public}/twilio/status?charge={reservation}",
+            )
+        except CallRefused as exc:
+            await app[LIMITER].refund(reservation)  # nothing was placed: the slot comes back
+            log.info("call.start to %s refused by Twilio: %s %s", phone.masked, exc.status, exc.code)
+            return self.fail("call_refused", f"Twilio refused the call: {exc.message}")
+        except CallOutcomeUnknown as exc:
+            # The call may have been placed: the charge stays, and nothing is retried.
+            log.warning("call.start to %s: outcome unknown (%s)", phone.masked, exc)
+            return self.fail("call_outcome_unknown", "Twilio did not answer in time; the call may still ring")
+
+        with contextlib.suppress(CallStoreUnavailable):
+            await app[CALL_STORE].record(call_sid, reservation, "outbound-api", phone.region, scenario.id)
+        token = tokens.subscription_token(app[TOKEN_SECRET], call_sid)
+        log.info("call.start: placed %s to %s (%s)", call_sid, phone.masked, scenario.id)
+        queued = events.status_changed(call_sid, "queued")
+        app[BUS].publish(queued)  # for operators following every call
+        # This client's copy carries the token; it follows the call from the next event on.
+        self.client.send({**queued, "token": token})
+        self.client.tokens[call_sid] = token
+        self.client.follow(call_sid, with_status=False)
+        return None

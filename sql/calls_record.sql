@@ -1,0 +1,8 @@
+-- Record a call placed by this deployment (call.start), before Twilio reports on it, so its
+-- status callbacks find the charge to refund. A later webhook admits it as already known.
+--
+-- $1 call_sid text  $2 charge_id text  $3 direction text  $4 region text  $5 scenario_id text
+-- Returns nothing.
+INSERT INTO calls AS c (call_sid, charge_id, direction, region, scenario_id, status, status_rank)
+VALUES ($1, $2, $3, $4, $5, 'queued', 0)
+ON CONFLICT (call_sid) DO UPDATE SET charge_id = coalesce(c.charge_id, excluded.charge_id)

@@ -1,0 +1,343 @@
+"""WS /logs on a real server: refusals at the door, every message type and error path, outbound
+calls against the fake Twilio API, per-call privacy, and a frozen client dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from appkeys import CALL_STORE, FRONTEND, LIMITER, TOKEN_SECRET
+from bridge import events, tokens
+from callgate_harness import PUBLIC_URL, callgate
+from tools.fake_realtime import FakeRealtime
+from tools.simulate_call import SimulatedCall
+
+CALLER_ID = "+14155550000"
+TWILIO_ENV = {"TWILIO_PHONE_NUMBER_US": CALLER_ID, "ALLOWED_ORIGINS": "https://callgate.test"}
+
+
+class Frontend:
+    """A /logs client that reads in its own time."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+
+    async def send(self, message) -> None:
+        await self.ws.send_str(message if isinstance(message, str) else json.dumps(message))
+
+    async def recv(self, timeout: float = 5) -> dict:
+        msg = await self.ws.receive(timeout=timeout)
+        assert msg.type == aiohttp.WSMsgType.TEXT, msg
+        return json.loads(msg.data)
+
+    async def ask(self, message) -> dict:
+        await self.send(message)
+        return await self.recv()
+
+    async def until(self, predicate, timeout: float = 10) -> list[dict]:
+        seen = []
+        async with asyncio.timeout(timeout):
+            while True:
+                seen.append(await self.recv(timeout))
+                if predicate(seen[-1]):
+                    return seen
+
+
+async def open_frontend(session: aiohttp.ClientSession, h, **headers) -> Frontend:
+    headers.setdefault("Origin", "https://callgate.test")
+    return Frontend(await session.ws_connect(h.url + "/logs", headers=headers))
+
+
+@pytest.fixture
+async def session():
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+async def test_origins_outside_the_list_are_refused(dsn, session):
+    """An Origin outside ALLOWED_ORIGINS gets 403; ours and a non-browser (no Origin) get in."""
+    async with callgate(dsn, **TWILIO_ENV) as h:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await session.ws_connect(h.url + "/logs", headers={"Origin": "https://evil.test"})
+        assert info.value.status == 403
+        ours = await open_frontend(session, h)
+        assert (await ours.ask({"type": "rate_limit_check", "phoneNumber": "+14155550100"}))["allowed"]
+        plain = await session.ws_connect(h.url + "/logs")
+        assert not plain.closed
+        await plain.close()
+
+
+async def test_connections_per_ip_are_capped_by_fly_client_ip(dsn, session):
+    """Past RATE_LIMIT_MAX_CONNECTIONS_PER_IP sockets from one Fly-Client-IP the upgrade is 403,
+    whatever X-Forwarded-For says; a closed socket frees its place."""
+    async with callgate(dsn, RATE_LIMIT_MAX_CONNECTIONS_PER_IP="2", **TWILIO_ENV) as h:
+        ip = {"Fly-Client-IP": "203.0.113.7"}
+        first = await open_frontend(session, h, **ip)
+        second = await open_frontend(session, h, **ip)  # noqa: F841 - held open on purpose
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await open_frontend(session, h, **ip, **{"X-Forwarded-For": "198.51.100.1"})
+        assert info.value.status == 403
+        other = await open_frontend(session, h, **{"Fly-Client-IP": "203.0.113.8"})
+        assert (await other.ask({"type": "rate_limit_check", "phoneNumber": "+14155550100"}))["allowed"]
+        await first.ws.close()
+        async with asyncio.timeout(5):
+            while h.app[FRONTEND].per_ip["203.0.113.7"] > 1:
+                await asyncio.sleep(0.01)
+        await open_frontend(session, h, **ip)
+
+
+async def test_a_frame_over_64_kib_closes_with_1009(dsn, session):
+    """A 70 KiB frame closes the socket with 1009 (message too big)."""
+    async with callgate(dsn, **TWILIO_ENV) as h:
+        client = await open_frontend(session, h)
+        await client.send(json.dumps({"type": "rate_limit_check", "phoneNumber": "x" * 70 * 1024}))
+        msg = await client.ws.receive(timeout=5)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1009
+
+
+@pytest.mark.parametrize(("frame", "code"), [
+    ("not json", "invalid_json"),
+    ("[1, 2]", "invalid_message"),
+    ('{"type": 5}', "invalid_message"),
+    ('{"phoneNumber": "+14155550100"}', "invalid_message"),
+    ('{"type": "make_coffee"}', "unknown_type"),
+    ('{"type": "rate_limit_check", "phoneNumber": 4155550100}', "invalid_message"),
+    ('{"type": "call.subscribe", "callSid": "CA1", "token": "nope"}', "forbidden"),
+    ('{"type": "call.end", "callSid": "CA1"}', "forbidden"),
+    ('{"type": "call.start", "phoneNumber": "911", "scenarioId": "customer-service"}', "invalid_number"),
+    ('{"type": "call.start", "phoneNumber": "+14155550100", "scenarioId": "poker"}', "invalid_config"),
+    ('{"type": "call.start", "phoneNumber": "+14155550100", "scenarioId": "job-interview", "config": {}}',
+     "invalid_config"),
+])
+async def test_bad_requests_get_an_error_and_the_socket_stays_usable(dsn, session, frame, code):
+    """Malformed JSON, wrong types, unknown types and refused requests get a precise error;
+    the next request on the same socket is answered."""
+    async with callgate(dsn, **TWILIO_ENV) as h:
+        client = await open_frontend(session, h)
+        error = await client.ask(frame)
+        assert (error["type"], error["code"]) == ("error", code) and error["message"]
+        status = await client.ask({"type": "rate_limit_check", "phoneNumber": "+1 (415) 555-0100"})
+        assert status["type"] == "rate_limit_status"
+
+
+async def test_rate_limit_check_echoes_the_number_as_sent(dsn, session):
+    """rate_limit_status answers at once, echoing phoneNumber exactly as the client wrote it,
+    with remaining, limit and resetTime; refused numbers carry the reason."""
+    async with callgate(dsn, **TWILIO_ENV) as h:
+        client = await open_frontend(session, h)
+        await h.app[LIMITER].hit("+14155550100", "CA1")
+        status = await client.ask({"type": "rate_limit_check", "phoneNumber": "(415) 555-0100"})
+        assert status["phoneNumber"] == "(415) 555-0100"
+        assert (status["allowed"], status["remaining"], status["limit"]) == (True, 1, 2)
+        assert status["resetTime"] > 0
+        bad = await client.ask({"type": "rate_limit_check", "phoneNumber": "+44 20 7946 0000"})
+        assert (bad["allowed"], bad["reason"], bad["phoneNumber"]) == (False, "region_not_allowed", "+44 20 7946 0000")
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=12,
+)
+messages = st.one_of(
+    json_values.map(json.dumps),
+    st.fixed_dictionaries({"type": st.sampled_from(["rate_limit_check", "call.subscribe", "call.end", "x"])},
+                          optional={"phoneNumber": json_values, "callSid": json_values, "token": json_values,
+                                    "all": json_values, "adminToken": json_values}).map(json.dumps),
+    st.text(max_size=200),
+)
+
+
+@pytest.fixture
+async def fuzz_target(dsn):
+    async with callgate(dsn, **TWILIO_ENV) as h, aiohttp.ClientSession() as s:
+        yield await open_frontend(s, h)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frame=messages)
+async def test_fuzzed_frames_never_break_the_handler(fuzz_target, frame):
+    """Any text frame gets exactly one answer (an error or a status) and the socket stays open."""
+    client = fuzz_target
+    await client.send(frame)
+    reply = await client.recv()
+    assert reply["type"] in ("error", "rate_limit_status")
+    assert not client.ws.closed
+
+
+async def place(client: Frontend, number: str = "+14155550123", **fields) -> list[dict]:
+    await client.send({"type": "call.start", "phoneNumber": number, "scenarioId": "job-interview",
+                       "config": {"role": "Engineer", "candidateName": "Ada"}, "voice": "cedar", **fields})
+    return [await client.recv(timeout=15)]
+
+
+async def test_call_start_places_one_call_with_the_right_fields(dsn, session):
+    """call.start charges, then places exactly one call: To the number, From the region's
+    caller id, Url our /twiml, status callbacks to /twilio/status; the reply is queued with a
+    callSid and a token."""
+    async with callgate(dsn, **TWILIO_ENV) as h:
+        client = await open_frontend(session, h)
+        reply, = await place(client)
+        creates = [r for r in h.twilio_api.requests if r.path.endswith("/Calls.json")]
+        assert len(creates) == 1
+        form = creates[0]
+        assert (form.value("To"), form.value("From")) == ("+14155550123", CALLER_ID)
+        assert form.value("Url").startswith(f"{PUBLIC_URL}/twiml?charge=")
+        assert form.value("StatusCallback").startswith(f"{PUBLIC_URL}/twilio/status?charge=")
+        assert set(form.form["StatusCallbackEvent"]) == {"initiated", "ringing", "answered", "completed"}
+        assert reply["type"] == "call.status_changed" and reply["status"] == "queued"
+        assert reply["callSid"] in h.twilio_api.calls and reply["token"]
+        assert (await h.app[LIMITER].test("+14155550123")).remaining == 1
+        record = await h.app[CALL_STORE].get(reply["callSid"])
+        assert record["direction"] == "outbound-api" and record["charge_id"].startswith("RS")
+
+
+async def test_call_start_over_the_limit_places_nothing(dsn, session):
+    """A number at its limit gets rate_limit_exceeded and no REST request is made."""
+    async with callgate(dsn, RATE_LIMIT_PHONE_MAX_CALLS="1", **TWILIO_ENV) as h:
+        client = await open_frontend(session, h)
+        await h.app[LIMITER].hit("+14155550123", "CA-earlier")
+        reply, = await place(client, number="415-555-0123")
+        assert reply["type"] == "rate_limit_exceeded" and reply["phoneNumber"] == "415-555-0123"
+        assert reply["reason"] == "limit_reached" and reply["resetTime"] > 0
+        assert not [r for r in h.twilio_api.requests if r.path.endswith("/Calls.json")]
+
+
+async def test_call_start_rest_timeout_keeps_the_charge(dsn, session):
+    """Twilio not answering in time leaves the outcome unknown: the charge stays, no retry."""
+    async with callgate(dsn, TWILIO_REST_TIMEOUT_MS="300", **TWILIO_ENV) as h:
+        h.twilio_api.delay_next(3)
+        client = await open_frontend(session, h)
+        reply, = await place(client)
+        assert (reply["type"], reply["code"]) == ("error", "call_outcome_unknown")
+        assert (await h.app[LIMITER].test("+14155550123")).remaining == 1
+        assert len([r for r in h.twilio_api.requests if r.path.endswith("/Calls.json")]) == 1
+
+
+async def test_call_start_refused_by_twilio_releases_the_charge(dsn, session):
+    """A definite refusal (HTTP 400) gives the slot back."""
+    async with callgate(dsn, **TWILIO_ENV) as h:
+        h.twilio_api.fail_next(400, {"code": 21211, "message": "Invalid 'To' Phone Number", "status": 400})
+        client = await open_frontend(session, h)
+        reply, = await place(client)
+        assert (reply["type"], reply["code"]) == ("error", "call_refused")
+        assert (await h.app[LIMITER].test("+14155550123")).remaining == 2
+
+
+async def test_turnstile_failure_places_nothing(dsn, session):
+    """With TURNSTILE_SECRET_KEY set, a token the verifier rejects (or none) places no call."""
+    verifier = web.Application()
+    seen = []
+
+    async def siteverify(request: web.Request) -> web.Response:
+        form = await request.post()
+        seen.append(dict(form))
+        return web.json_response({"success": form.get("response") == "good-token"})
+
+    verifier.router.add_post("/siteverify", siteverify)
+    runner = web.AppRunner(verifier)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/siteverify"
+    try:
+        async with callgate(dsn, TURNSTILE_SECRET_KEY="ts-secret", TURNSTILE_VERIFY_URL=url, **TWILIO_ENV) as h:
+            client = await open_frontend(session, h)
+            for token in (None, "bad-token"):
+                reply, = await place(client, **({"turnstileToken": token} if token else {}))
+                assert (reply["type"], reply["code"]) == ("error", "turnstile_failed")
+            assert not [r for r in h.twilio_api.requests if r.path.endswith("/Calls.json")]
+            reply, = await place(client, turnstileToken="good-token")
+            assert reply["status"] == "queued"
+    finally:
+        await runner.cleanup()
+    assert seen[-1]["secret"] == "ts-secret" and seen[-1]["response"] == "good-token"
+
+
+async def test_subscribers_see_only_their_own_call(dsn, session):
+    """Two browsers placing two calls each see their own call's events, never the other's; a
+    third without a token sees nothing; call.end works only with the token."""
+    async with FakeRealtime(reply_text="Hi there.") as model, callgate(dsn, model=model, **TWILIO_ENV) as h:
+        alice, bob = await open_frontend(session, h), await open_frontend(session, h)
+        a, = await place(alice, number="+14155550111")
+        b, = await place(bob, number="+14155550112")
+        calls = []
+        for reply in (a, b):
+            sim = h.call(audio=b"", call_sid=reply["callSid"], direction="outbound-api",
+                         to="+14155550111" if reply is a else "+14155550112",
+                         extra_params={})
+            twiml = await sim.webhook(path="/twiml?charge=" + h.twilio_api.calls[reply["callSid"]].url.split("charge=")[1])
+            assert twiml.parameters["scenarioId"] == "job-interview" and twiml.parameters["voice"] == "cedar"
+            await sim.connect()
+            calls.append(sim)
+        seen_a = await alice.until(lambda e: e["type"] == "transcript.done")
+        seen_b = await bob.until(lambda e: e["type"] == "transcript.done")
+        assert {e["callSid"] for e in seen_a if "callSid" in e} == {a["callSid"]}
+        assert {e["callSid"] for e in seen_b if "callSid" in e} == {b["callSid"]}
+        assert [e["status"] for e in seen_a if e["type"] == "call.status_changed"][:1] == ["connected"]
+        assert not any(e["type"].startswith(("response.", "input_audio", "session.")) for e in seen_a + seen_b)
+
+        eve = await open_frontend(session, h)
+        error = await eve.ask({"type": "call.end", "callSid": a["callSid"]})
+        assert error["code"] == "forbidden"
+        await alice.send({"type": "call.end"})  # the one call alice follows
+        ended = await alice.until(lambda e: e.get("status") == "ended")
+        assert ended[-1]["reason"] == "ended_by_client"
+        await calls[0].wait_closed()
+        await calls[1].stop()
+
+
+async def test_resubscribing_with_the_token_resumes_a_call(dsn, session):
+    """A browser that reconnects follows its call again with callSid + token, starting with its
+    current status; an operator with ADMIN_TOKEN follows every call."""
+    async with FakeRealtime() as model, callgate(dsn, model=model, ADMIN_TOKEN="op-secret", **TWILIO_ENV) as h:
+        sim = h.call(audio=b"")
+        await sim.webhook()
+        await sim.connect()
+        await model.wait_for_session()
+        token = tokens.subscription_token(h.app[TOKEN_SECRET], sim.call_sid)
+        client = await open_frontend(session, h)
+        first = await client.ask({"type": "call.subscribe", "callSid": sim.call_sid, "token": token})
+        assert first == events.status_changed(sim.call_sid, "connected")
+        operator = await open_frontend(session, h)
+        denied = await operator.ask({"type": "call.subscribe", "all": True, "adminToken": "guess"})
+        assert denied["code"] == "forbidden"
+        await operator.send({"type": "call.subscribe", "all": True, "adminToken": "op-secret"})
+        await sim.stop()
+        ended = await operator.until(lambda e: e.get("status") == "ended")
+        assert ended[-1]["callSid"] == sim.call_sid
+
+
+async def test_a_frozen_client_is_dropped_and_the_call_goes_on(dsn, session):
+    """A browser that stops reading is disconnected once it falls behind; the call's audio keeps
+    flowing both ways meanwhile."""
+    reply_audio = bytes(range(256)) * 400  # ~13 s of audio at 8 kB/s: plays throughout
+    async with FakeRealtime(reply_audio=reply_audio, pace=1.0) as model, \
+            callgate(dsn, model=model, **TWILIO_ENV) as h:
+        sim: SimulatedCall = h.call(audio=b"", speed=1.0)
+        await sim.webhook()
+        await sim.connect()
+        model_session = await model.wait_for_session()
+        token = tokens.subscription_token(h.app[TOKEN_SECRET], sim.call_sid)
+        frozen = await open_frontend(session, h)
+        assert (await frozen.ask({"type": "call.subscribe", "callSid": sim.call_sid, "token": token}))["status"]
+        # The frozen client now reads nothing while the call produces far more than it can hold.
+        for i in range(2000):
+            h.bus.publish(events.transcript_delta(sim.call_sid, "item_x", "assistant", "word " * 200))
+            if i % 100 == 0:
+                await asyncio.sleep(0)
+        async with asyncio.timeout(10):
+            while h.app[FRONTEND].sockets:
+                await asyncio.sleep(0.02)
+        heard_before = len(sim.received_audio)
+        await sim.wait_for_audio(heard_before + 8000, timeout=5)
+        sent_before = len(model_session.audio_in)
+        await sim.play(bytes([0xFF]) * 8000, tail_silence_ms=0)
+        await model_session.wait_for_audio(sent_before + 8000)
+        await sim.stop()

@@ -51,14 +51,17 @@ class Harness:
 
 
 @contextlib.asynccontextmanager
-async def callgate(dsn: str, *, model: FakeRealtime | None = None, **env: str) -> AsyncIterator[Harness]:
-    """Callgate wired to the peers. Without ``model`` calls go to the offline agent."""
+async def callgate(dsn: str, *, model: FakeRealtime | None = None, port: int = 0, **env: str) -> AsyncIterator[Harness]:
+    """Callgate wired to the peers. Without ``model`` calls go to the offline agent. A fixed
+    ``port`` makes the server's own origin (http://127.0.0.1:port) an allowed browser origin."""
     async with FakeTwilioApi(auth_token=AUTH_TOKEN) as api:
         settings = {"PUBLIC_URL": PUBLIC_URL, "TWILIO_ACCOUNT_SID": api.account_sid,
                     "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_API_BASE_URL": api.base_url}
         if model is not None:
             settings |= {"OPENAI_API_KEY": MODEL_KEY, "OPENAI_REALTIME_URL": model.url}
-        server = TestServer(create_app(settings_for(dsn, **(settings | env)), drain_timeout=0))
+        settings["PORT"] = str(port)
+        server = TestServer(create_app(settings_for(dsn, **(settings | env)), drain_timeout=0),
+                            host="127.0.0.1", port=port)
         await server.start_server()
         harness = Harness(server, api, model)
         try:

@@ -179,6 +179,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("DATABASE_POOL_SIZE", "10", "connections in the PostgreSQL pool", _int(1, 100), "pool_size"),
     Variable("ALLOWED_ORIGINS", None, "browser origins accepted on /logs (default: PUBLIC_URL's, plus localhost in development)", _origins, "allowed_origins"),
     Variable("TURNSTILE_SECRET_KEY", None, "when set, call.start needs a verified Turnstile token", _secret, "turnstile_secret", True),
+    Variable("TURNSTILE_SITE_KEY", None, "Turnstile site key the web page shows the widget with (public)", _text, "turnstile_site_key"),
     Variable("TURNSTILE_VERIFY_URL", "https://challenges.cloudflare.com/turnstile/v0/siteverify", "Turnstile verification endpoint", _url("http", "https"), "turnstile_verify_url"),
     Variable("OPENAI_API_KEY", None, "enables the real model (without it: the offline agent)", _secret, "openai_api_key", True),
     Variable("OPENAI_REALTIME_URL", "wss://api.openai.com/v1/realtime", "model endpoint", _url("ws", "wss"), "openai_realtime_url"),
@@ -220,6 +221,7 @@ class Settings:
     pool_size: int = 10
     allowed_origins: tuple[str, ...] = ()
     turnstile_secret: Secret | None = None
+    turnstile_site_key: str | None = None
     turnstile_verify_url: str = "https://challenges.cloudflare.com/turnstile/v0/siteverify"
     openai_api_key: Secret | None = None
     openai_realtime_url: str = "wss://api.openai.com/v1/realtime"

@@ -38,6 +38,12 @@ class Metrics:
         self.relay_frames = Counter(
             "callgate_relay_frames_total", "Audio frames relayed, by direction", ["direction"], registry=self.registry,
         )
+        self.relay_latency = Histogram(
+            "callgate_relay_latency_seconds",
+            "Time from a frame's arrival to its relay being sent on (model_to_caller: audio and its mark)",
+            ["direction"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+            registry=self.registry,
+        )
         self.open_sockets = Gauge("callgate_open_sockets", "Open WebSockets, by kind", ["kind"], registry=self.registry)
 
     def observe_limiter(self, op: str, decision: Decision | None, seconds: float) -> None:
@@ -47,9 +53,16 @@ class Metrics:
         self.limiter_latency.labels(op).observe(seconds)
 
     def frame_observer(self):
-        """A cheap per-frame counter: label children are looked up once, not per frame."""
-        children = {d: self.relay_frames.labels(d) for d in ("caller_to_model", "model_to_caller")}
-        return lambda direction: children[direction].inc()
+        """Per-frame accounting for the relay: label children are looked up once, not per frame."""
+        directions = ("caller_to_model", "model_to_caller")
+        counts = {d: self.relay_frames.labels(d) for d in directions}
+        latency = {d: self.relay_latency.labels(d) for d in directions}
+
+        def observe(direction: str, seconds: float) -> None:
+            counts[direction].inc()
+            latency[direction].observe(seconds)
+
+        return observe
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

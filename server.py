@@ -10,6 +10,7 @@ routes on one screen, and every resource with a start and an end in one cleanup 
 from __future__ import annotations
 
 import argparse
+import html
 import asyncio
 import contextlib
 import logging
@@ -48,6 +49,7 @@ log = logging.getLogger("callgate")
 
 WRAP_UP_S = 20.0  # the agent is asked to wrap up this long before the session limit
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+INDEX_HTML = web.AppKey("index_html", str)
 
 
 def build_limiter(settings: Settings, db_pool, metrics: Metrics | None = None,
@@ -81,6 +83,7 @@ def create_app(settings: Settings, *, limiter_clock: Callable[[], int | None] | 
     app[BUS] = EventBus()
     app[CALLS] = {}
     app[FRONTEND] = FrontendState()
+    app[INDEX_HTML] = render_index(settings)
     app[TOKEN_SECRET] = tokens.derive_secret(settings.phone_key.value)
     connector = connector or model_connector(settings)
 
@@ -162,8 +165,17 @@ def call_services(settings: Settings, app: web.Application, connector: ModelConn
     )
 
 
-async def index(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+def render_index(settings: Settings) -> str:
+    """The page, with the Turnstile site key on <body> when one is configured."""
+    page = (STATIC_DIR / "index.html").read_text()
+    if settings.turnstile_site_key:
+        page = page.replace("\n<body>\n", f'\n<body data-turnstile-sitekey="{html.escape(settings.turnstile_site_key)}">\n', 1)
+    return page
+
+
+async def index(request: web.Request) -> web.Response:
+    return web.Response(text=request.app[INDEX_HTML], content_type="text/html",
+                        headers={"Cache-Control": "no-cache"})
 
 
 async def list_scenarios(request: web.Request) -> web.Response:

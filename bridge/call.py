@@ -60,7 +60,7 @@ class CallServices:
     session_duration_s: float = 300.0
     wrap_up_s: float = 20.0
     ready_timeout_s: float = 10.0
-    observe_frame: Callable[[str], None] = lambda direction: None
+    observe_frame: Callable[[str, float], None] = lambda direction, seconds: None
 
 
 @dataclass
@@ -188,6 +188,7 @@ class Call:
     async def _read_twilio(self) -> None:
         observe = self._services.observe_frame
         async for msg in self.twilio_ws:
+            started = time.perf_counter()
             if msg.type != WSMsgType.TEXT:
                 if msg.type == WSMsgType.BINARY:
                     log.warning("call %s: binary frame from Twilio ignored", self.call_sid)
@@ -200,11 +201,11 @@ class Call:
             if isinstance(event, twilio.Media):
                 if not realtime.is_base64(event.payload):
                     continue
-                observe("caller_to_model")
                 if self._ready:
                     await self._model.send(realtime.append_audio(event.payload))
                 else:
                     self._pre_ready.append(event.payload)
+                observe("caller_to_model", time.perf_counter() - started)
             elif isinstance(event, twilio.Mark):
                 self._on_mark(event.name)
             elif isinstance(event, twilio.Dtmf):
@@ -231,8 +232,10 @@ class Call:
     async def model_to_caller(self) -> None:
         """Turn model events into audio for Twilio and call events for subscribers."""
         bad = 0
+        observe = self._services.observe_frame
         try:
             async for frame in self._frames:
+                started = time.perf_counter()
                 event = realtime.decode(frame)
                 if event is None:
                     bad += 1
@@ -242,6 +245,8 @@ class Call:
                         return
                     continue
                 await self._on_model_event(event)
+                if event["type"] == "response.output_audio.delta":
+                    observe("model_to_caller", time.perf_counter() - started)
         except ModelError as exc:
             log.warning("call %s: %s", self.call_sid, exc)
         except ConnectionResetError:
@@ -296,7 +301,6 @@ class Call:
         stream_sid = self.setup.stream_sid
         await self.twilio_ws.send_str(twilio.media(stream_sid, payload))
         await self.twilio_ws.send_str(twilio.mark(stream_sid, name))
-        self._services.observe_frame("model_to_caller")
 
     async def _barge_in(self) -> None:
         p = self._playout

@@ -19,7 +19,7 @@ from aiohttp import WSMsgType, web
 
 import scenarios
 import turnstile
-from appkeys import BUS, CALL_STORE, CALLS, FRONTEND, HTTP, LIMITER, SETTINGS, TOKEN_SECRET, TWILIO_REST
+from appkeys import BUS, CALL_STORE, CALLS, FRONTEND, HTTP, LIMITER, METRICS, SETTINGS, TOKEN_SECRET, TWILIO_REST
 from bridge import events, tokens
 from db.calls import CallStoreUnavailable
 from limiter.errors import InvalidNumber
@@ -63,10 +63,13 @@ async def logs(request: web.Request) -> web.StreamResponse:
     try:
         await ws.prepare(request)
         state.sockets.add(ws)
+        app[METRICS].open_sockets.labels("frontend").inc()
         log.info("frontend client %s connected (%d from this address)", client.id, state.per_ip[ip])
         await client.run()
     finally:
-        state.sockets.discard(ws)
+        if ws in state.sockets:
+            state.sockets.discard(ws)
+            app[METRICS].open_sockets.labels("frontend").dec()
         state.per_ip[ip] -= 1
         if state.per_ip[ip] <= 0:
             del state.per_ip[ip]

@@ -57,5 +57,4 @@ async def metrics(request: web.Request) -> web.Response:
     m.pool_in_use.set(pool.get_size() - pool.get_idle_size())
     m.limiter_pending.set(app[LIMITER].pending)
     m.database_up.set(1 if app[LIMITER].database_ok else 0)
-    m.active_calls.set(app[LIFECYCLE].active_calls)
     return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

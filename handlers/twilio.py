@@ -245,15 +245,17 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
     app[CALLS][setup.call_sid] = call
     app[LIFECYCLE].active_calls += 1
     app[METRICS].active_calls.inc()
+    app[METRICS].open_sockets.labels("twilio").inc()
     log.info("call %s: stream %s started (%s)", setup.call_sid, setup.stream_sid, setup.scenario.id)
     try:
-        reason = await call.run()
+        await call.run()
     finally:
         app[LIFECYCLE].active_calls -= 1
         app[METRICS].active_calls.dec()
+        app[METRICS].open_sockets.labels("twilio").dec()
+        app[METRICS].calls.labels(call.end_reason or "ended").inc()
         if app[CALLS].get(setup.call_sid) is call:
             del app[CALLS][setup.call_sid]
-    app[METRICS].calls.labels(reason).inc()
     return ws
 
 

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from appkeys import CALL_STORE, CALLS, LIFECYCLE
+from appkeys import CALL_STORE, CALLS, LIFECYCLE, METRICS
 from callgate_harness import callgate
 from tools.fake_realtime import FakeRealtime
 from tools.simulate_call import silence, tone
@@ -213,3 +213,31 @@ async def test_twilio_socket_drop_finalises_the_call_once(dsn):
             assert sub.queue.empty()
     assert [e for e in events if is_ended(e)] == [events[-1]]
     assert events[-1]["reason"] == "stream_closed"
+
+
+async def test_metrics_count_calls_frames_and_sockets(dsn):
+    """/metrics shows relayed frames each way with their latency, open sockets, and calls by
+    outcome, with no number in any label."""
+    async with FakeRealtime() as model, callgate(dsn, model=model) as h:
+        call = h.call(audio=b"", from_="+14155550188")
+        await call.webhook()
+        await call.connect()
+        session = await model.wait_for_session()
+        await call.wait_for_audio(8000)
+        await call.play(quiet_pattern(3, 200), tail_silence_ms=0)
+        await session.wait_for_audio(1600)
+        during = h.app[METRICS].render().decode()
+        await call.stop()
+        await call.wait_closed()
+        async with asyncio.timeout(5):
+            while 'callgate_calls_total{outcome="caller_hangup"} 1.0' not in h.app[METRICS].render().decode():
+                await asyncio.sleep(0.02)
+        after = h.app[METRICS].render().decode()
+    assert 'callgate_open_sockets{kind="twilio"} 1.0' in during
+    assert 'callgate_active_calls 1.0' in during
+    frames = {line.split("} ")[0]: float(line.split("} ")[1]) for line in after.splitlines()
+              if line.startswith("callgate_relay_frames_total{")}
+    assert frames['callgate_relay_frames_total{direction="caller_to_model"'] >= 10
+    assert frames['callgate_relay_frames_total{direction="model_to_caller"'] >= 10
+    assert 'callgate_relay_latency_seconds_bucket{direction="model_to_caller",le="0.1"}' in after
+    assert 'callgate_open_sockets{kind="twilio"} 0.0' in after and "5550188" not in after

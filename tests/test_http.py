@@ -128,3 +128,14 @@ async def test_admin_cli(dsn, client):
     assert (migrate.returncode, migrate.stdout.strip()) == (0, "applied 0 migration(s)")
     bad = await asyncio.to_thread(_admin, dsn, "reset", "911")
     assert bad.returncode == 1 and "emergency" in bad.stderr
+
+
+async def test_the_page_is_served_with_the_turnstile_site_key(dsn):
+    """GET / serves the page; a configured Turnstile site key is put on <body> for the widget."""
+    async with TestClient(TestServer(create_app(settings_for(dsn, TURNSTILE_SITE_KEY='0x4AAA"<x>')))) as client:
+        resp = await client.get("/")
+        page = await resp.text()
+        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/html")
+        assert 'data-turnstile-sitekey="0x4AAA&quot;&lt;x&gt;"' in page
+        assert (await client.get("/static/app.js")).status == 200
+        assert (await client.get("/static/style.css")).status == 200

@@ -26,8 +26,19 @@ class Lifecycle:
     started_at: float = field(default_factory=time.time)
     draining: bool = False
     active_calls: int = 0
-    # Stream tokens spent while PostgreSQL was away (single use on this instance only).
-    spent_tokens: set[str] = field(default_factory=set)
+    streams_starting: int = 0
+    # Stream tokens spent while PostgreSQL was away (single use on this instance only),
+    # with their expiry: an expired token is refused anyway, so it is forgotten.
+    spent_tokens: dict[str, float] = field(default_factory=dict)
+
+    def spend_token_locally(self, jti: str, expires: float) -> bool:
+        now = time.time()
+        for old in [j for j, until in self.spent_tokens.items() if until < now]:
+            del self.spent_tokens[old]
+        if jti in self.spent_tokens:
+            return False
+        self.spent_tokens[jti] = expires
+        return True
 
 
 @dataclass

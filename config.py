@@ -174,6 +174,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("RATE_LIMIT_MAX_CONCURRENT_CALLS", "10", "live calls across all instances", _int(1), "max_concurrent_calls"),
     Variable("RATE_LIMIT_MAX_CONNECTIONS_PER_IP", "5", "open /logs sockets per client IP", _int(1), "max_connections_per_ip"),
     Variable("RATE_LIMIT_SESSION_DURATION", "300000", "longest call, ms", _int(1000), "session_duration_ms"),
+    Variable("SHUTDOWN_DRAIN_MS", "120000", "on SIGTERM, how long live calls may go on before they are ended, ms", _int(0, 3_600_000), "shutdown_drain_ms"),
     Variable("LIMITER_FAIL_MODE", "memory", "when PostgreSQL is unreachable: memory, closed or open", _choice("memory", "closed", "open"), "limiter_fail_mode"),
     Variable("LIMITER_TIMEOUT_MS", "2000", "longest wait for one limiter statement (pool acquire + statement), ms", _int(50, 60_000), "limiter_timeout_ms"),
     Variable("DATABASE_POOL_SIZE", "10", "connections in the PostgreSQL pool", _int(1, 100), "pool_size"),
@@ -216,6 +217,7 @@ class Settings:
     max_concurrent_calls: int = 10
     max_connections_per_ip: int = 5
     session_duration_ms: int = 300_000
+    shutdown_drain_ms: int = 120_000
     limiter_fail_mode: str = "memory"
     limiter_timeout_ms: int = 2000
     pool_size: int = 10

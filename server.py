@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from collections.abc import AsyncIterator, Callable
@@ -75,7 +76,7 @@ def model_connector(settings: Settings) -> ModelConnector:
 
 
 def create_app(settings: Settings, *, limiter_clock: Callable[[], int | None] | None = None,
-               connector: ModelConnector | None = None, drain_timeout: float = 60.0) -> web.Application:
+               connector: ModelConnector | None = None) -> web.Application:
     app = web.Application(client_max_size=64 * 1024)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
@@ -98,35 +99,25 @@ def create_app(settings: Settings, *, limiter_clock: Callable[[], int | None] | 
                 app[LIMITER] = limiter = build_limiter(settings, db.pool, app[METRICS], limiter_clock)
                 app[CALL_STORE] = store = CallStore(db.pool, Queries(), settings.limiter_timeout_ms / 1000)
                 app[CALL_SERVICES] = call_services(settings, app, connector, rest, store)
-                maintenance = asyncio.create_task(limiter.maintain(), name="limiter-maintenance")
+                duties = [asyncio.create_task(limiter.maintain(), name="limiter-maintenance"),
+                          asyncio.create_task(tidy_calls(store), name="calls-maintenance")]
                 try:
                     yield
                 finally:
-                    maintenance.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await maintenance
+                    for duty in duties:
+                        duty.cancel()
+                    await asyncio.gather(*duties, return_exceptions=True)
         finally:
             await rest.close()
             await http.close()
 
-    async def drain(app: web.Application) -> None:
-        """SIGTERM: refuse new calls, give live ones until the deadline, then end them."""
-        app[LIFECYCLE].draining = True
-        # Browsers reconnect elsewhere at once on GOING_AWAY (1001); left open, they would
-        # hold shutdown until its timeout and then see 1006.
-        for ws in list(app[FRONTEND].sockets):
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
-        calls = app[CALLS]
-        if calls:
-            log.info("draining: %d live call(s), up to %.0f s", len(calls), drain_timeout)
-            deadline = asyncio.get_running_loop().time() + drain_timeout
-            while calls and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.2)
-            for call in list(calls.values()):
-                call.request_end("shutdown")
+    async def last_calls(app: web.Application) -> None:
+        # Runs when aiohttp shuts down, after it stopped reading from every connection: any
+        # call still live (serve() drains them first) can only be ended now.
+        await drain(app, timeout=0)
 
     app.cleanup_ctx.append(resources)
-    app.on_shutdown.append(drain)
+    app.on_shutdown.append(last_calls)
 
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/health", health.health)
@@ -144,20 +135,78 @@ def create_app(settings: Settings, *, limiter_clock: Callable[[], int | None] | 
     return app
 
 
+async def tidy_calls(store: CallStore, every: float = 300.0) -> None:
+    """Background duty until cancelled: forget spent tokens, stale call requests, old calls."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            if deleted := await store.cleanup():
+                log.info("calls cleanup deleted %d row(s)", deleted)
+        except CallStoreUnavailable:
+            continue
+
+
+async def drain(app: web.Application, timeout: float) -> None:
+    """Shutdown, first step, with the listener still open: /healthz answers 503 and new calls
+    are refused with TwiML, while live calls keep relaying until they end or ``timeout``
+    passes; then those left are ended (and hung up over REST) and awaited."""
+    lifecycle, calls = app[LIFECYCLE], app[CALLS]
+    lifecycle.draining = True
+    # Browsers reconnect elsewhere at once on GOING_AWAY (1001); left open, they would hold
+    # shutdown until its timeout and then see 1006.
+    for ws in list(app[FRONTEND].sockets):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+    loop = asyncio.get_running_loop()
+    if calls:
+        log.info("draining: %d live call(s), up to %.0f s", len(calls), timeout)
+    deadline = loop.time() + timeout
+    while calls and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+    for call in list(calls.values()):
+        call.request_end("shutdown")
+    ending = loop.time() + 10  # finalising a call is bounded (model close, REST, database)
+    while calls and loop.time() < ending:
+        await asyncio.sleep(0.05)
+
+
+async def serve(settings: Settings, host: str) -> None:
+    """Run until SIGTERM or SIGINT, then drain (listener open), then shut down."""
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, settings.port).start()
+    log.info("listening on %s:%d", host, settings.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+        log.info("shutting down: draining live calls for up to %.0f s", settings.shutdown_drain_ms / 1000)
+        await drain(app, settings.shutdown_drain_ms / 1000)
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
+
+
 def call_services(settings: Settings, app: web.Application, connector: ModelConnector, rest: TwilioRest,
                   store: CallStore) -> CallServices:
-    async def record_end(call_sid: str, reason: str) -> None:
+    async def record_status(call_sid: str, status: str, reason: str | None) -> bool:
         try:
-            await store.set_status(call_sid, "ended", STATUS_RANK["ended"], reason)
+            moved = await store.set_status(call_sid, status, STATUS_RANK[status], reason)
+            if reason and not moved:
+                await store.set_end_reason(call_sid, reason)  # Twilio's "completed" came first
+            return moved
         except CallStoreUnavailable:
-            log.warning("call %s: end not recorded (database unavailable)", call_sid)
+            log.warning("call %s: status %s not recorded (database unavailable)", call_sid, status)
+            return True
 
     duration = settings.session_duration_ms / 1000
     return CallServices(
         connector=connector,
         bus=app[BUS],
         hangup=rest.hangup,
-        record_end=record_end,
+        record_status=record_status,
         session_duration_s=duration,
         wrap_up_s=min(WRAP_UP_S, duration / 4),
         ready_timeout_s=settings.model_ready_timeout_ms / 1000,
@@ -260,8 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.twilio_auth_token:
         log.warning("TWILIO_AUTH_TOKEN is not set: Twilio requests are NOT signature-checked "
                     "and calls are not hung up over REST. Never run like this in public.")
-    web.run_app(create_app(settings), host=args.host, port=settings.port, print=None,
-                shutdown_timeout=90, access_log=None)
+    asyncio.run(serve(settings, args.host))
     return 0
 
 

@@ -34,6 +34,7 @@ PRE_READY_FRAMES = 500  # caller audio kept while the model opens: 10 s of 20 ms
 MAX_BAD_MODEL_FRAMES = 5  # a model that sends this many unreadable frames is broken
 CLOSE_TIMEOUT_S = 2.0
 DRAIN_TIMEOUT_S = 15.0  # longest wait for a goodbye to finish playing before hanging up
+CALLER_IDLE_TIMEOUT_S = 5.0  # no frame at all from Twilio this long: the stream is dead
 WRAP_UP_MESSAGE = (
     "The call's time is nearly up. Thank the caller, say goodbye in one short sentence, "
     "and do not ask anything more."
@@ -56,7 +57,9 @@ class CallServices:
     connector: ModelConnector
     bus: events.EventBus
     hangup: Callable[[str], Awaitable[None]]      # REST hang-up; "already ended" is success
-    record_end: Callable[[str, str], Awaitable[None]]  # (call_sid, reason) into the calls table
+    # (call_sid, status, reason) into the calls table; True when the call's status moved forward
+    # (statuses never go back, so a late or duplicate one is not announced twice).
+    record_status: Callable[[str, str, str | None], Awaitable[bool]]
     session_duration_s: float = 300.0
     wrap_up_s: float = 20.0
     ready_timeout_s: float = 10.0
@@ -88,7 +91,12 @@ class Call:
         self._playout = _Playout()
         self._playout.drained.set()
         self._end_requested = asyncio.Event()
-        self._end_after_playout: str | None = None
+        self._end_after_goodbye: str | None = None
+        self._goodbye_pending = False          # end_call ran: the next response is the goodbye
+        self._goodbye_response: str | None = None
+        self._aux_tasks: set[asyncio.Task] = set()
+        # When we began waiting for the model to start a response (None: not waiting).
+        self._awaiting_response: float | None = None
         self.end_reason: str | None = None
         self._finished = False
         self.started = time.monotonic()
@@ -96,30 +104,39 @@ class Call:
     # --- the story ---------------------------------------------------------------------------
 
     async def run(self) -> str:
-        """Run the call to its end; returns why it ended. Never raises for call failures."""
-        self._publish_status("connected")
+        """Run the call to its end; returns why it ended. Never raises for call failures.
+        If the handler running it is cancelled, the call is still finalised before this returns."""
+        await self._announce("connected")
         caller = asyncio.create_task(self.caller_to_model(), name=f"{self.call_sid}:caller_to_model")
-        tasks: set[asyncio.Task] = {caller}
+        end_request = asyncio.create_task(self._end_requested.wait(), name=f"{self.call_sid}:end_request")
+        tasks: set[asyncio.Task] = {caller, end_request}
         try:
             opening = asyncio.create_task(self._open_model(), name=f"{self.call_sid}:open_model")
             tasks.add(opening)
-            done, _ = await asyncio.wait({caller, opening}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({caller, end_request, opening}, return_when=asyncio.FIRST_COMPLETED)
             if opening in done and opening.exception() is None:
                 tasks.discard(opening)
                 tasks |= {
                     asyncio.create_task(self.model_to_caller(), name=f"{self.call_sid}:model_to_caller"),
                     asyncio.create_task(self._time_limit(), name=f"{self.call_sid}:time_limit"),
-                    asyncio.create_task(self._end_requested.wait(), name=f"{self.call_sid}:end_request"),
+                    asyncio.create_task(self._watch_model(), name=f"{self.call_sid}:watch_model"),
                 }
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             elif opening in done:
                 self._set_reason("model_unavailable")
                 log.warning("call %s: model did not open: %s", self.call_sid, opening.exception())
         finally:
+            tasks |= self._aux_tasks
             for task in tasks:
                 task.cancel()
-            # Shielded: the call must be finalised even when the handler itself is cancelled.
-            await asyncio.shield(self._finish(tasks))
+            finishing = asyncio.create_task(self._finish(tasks), name=f"{self.call_sid}:finish")
+            try:
+                await asyncio.shield(finishing)
+            except asyncio.CancelledError:
+                # The handler was cancelled (its peer went away): the call must still be
+                # finalised, and whoever awaits this handler must not see it as done before.
+                await finishing
+                raise
         return self.end_reason or "ended"
 
     def request_end(self, reason: str) -> None:
@@ -127,9 +144,10 @@ class Call:
         self._set_reason(reason)
         self._end_requested.set()
 
-    def request_end_after_playout(self, reason: str) -> None:
-        """End the call once the agent's current speech has played (the end_call tool)."""
-        self._end_after_playout = reason
+    def request_end_after_goodbye(self, reason: str) -> None:
+        """End the call once the agent's answer to this request has played (the end_call
+        tool): the response that follows the tool's output is the goodbye."""
+        self._end_after_goodbye = reason
 
     def _set_reason(self, reason: str) -> None:
         if self.end_reason is None:
@@ -152,8 +170,8 @@ class Call:
         self._frames = frames
         # Greeting first, then the caller's buffered audio: the agent speaks first on a call.
         greeting = scenario.greeting(self.setup.config)
-        await self._model.send(realtime.encode(realtime.response_create(
-            f"Greet the caller now with these words, then wait for them: {greeting}")))
+        await self._request_response(
+            f"Greet the caller now with these words, then wait for them: {greeting}")
         while self._pre_ready:
             await self._model.send(realtime.append_audio(self._pre_ready.popleft()))
         self._ready = True
@@ -187,7 +205,15 @@ class Call:
 
     async def _read_twilio(self) -> None:
         observe = self._services.observe_frame
-        async for msg in self.twilio_ws:
+        while True:
+            try:
+                msg = await self.twilio_ws.receive(timeout=CALLER_IDLE_TIMEOUT_S)
+            except TimeoutError:
+                # Twilio streams 50 frames a second, silence included: a quiet leg is a dead one.
+                log.warning("call %s: no frame from Twilio for %.0f s", self.call_sid, CALLER_IDLE_TIMEOUT_S)
+                break
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                break
             started = time.perf_counter()
             if msg.type != WSMsgType.TEXT:
                 if msg.type == WSMsgType.BINARY:
@@ -209,7 +235,7 @@ class Call:
             elif isinstance(event, twilio.Mark):
                 self._on_mark(event.name)
             elif isinstance(event, twilio.Dtmf):
-                log.info("call %s: caller pressed %s", self.call_sid, event.digit)
+                log.info("call %s: keypad press", self.call_sid)  # never the digit: PINs, card numbers
                 if self._ready:
                     await self._model.send(realtime.encode(realtime.user_text(
                         f"(The caller pressed the key {event.digit} on their keypad.)")))
@@ -260,25 +286,30 @@ class Call:
             await self._play(event)
         elif kind == "input_audio_buffer.speech_started":
             await self._barge_in()
-        elif kind == "response.output_audio_transcript.delta":
-            self._bus.publish(events.transcript_delta(self.call_sid, str(event.get("item_id", "")), "assistant",
-                                                      str(event.get("delta", ""))))
-        elif kind == "response.output_audio_transcript.done":
-            self._bus.publish(events.transcript_done(self.call_sid, str(event.get("item_id", "")), "assistant",
-                                                     str(event.get("transcript", ""))))
-        elif kind == "conversation.item.input_audio_transcription.delta":
-            self._bus.publish(events.transcript_delta(self.call_sid, str(event.get("item_id", "")), "user",
-                                                      str(event.get("delta", ""))))
-        elif kind == "conversation.item.input_audio_transcription.completed":
-            self._bus.publish(events.transcript_done(self.call_sid, str(event.get("item_id", "")), "user",
-                                                     str(event.get("transcript", ""))))
+        elif kind in realtime.TRANSCRIPT_EVENTS:
+            role, stage, field_name = realtime.TRANSCRIPT_EVENTS[kind]
+            item_id, text = str(event.get("item_id", "")), str(event.get(field_name, ""))
+            self._bus.publish(events.transcript_delta(self.call_sid, item_id, role, text) if stage == "delta"
+                              else events.transcript_done(self.call_sid, item_id, role, text))
         elif kind == "response.output_item.done":
             item = event.get("item") or {}
             if item.get("type") == "function_call":
                 await self._run_function(item)
+        elif kind == "response.created":
+            self._awaiting_response = None
+            if self._goodbye_pending:
+                self._goodbye_pending = False
+                self._goodbye_response = str((event.get("response") or {}).get("id", ""))
         elif kind == "response.done":
-            if self._end_after_playout:
-                asyncio.get_running_loop().create_task(self._end_when_played(self._end_after_playout))
+            self._awaiting_response = None
+            done_id = str((event.get("response") or {}).get("id", ""))
+            if self._goodbye_response is not None and done_id == self._goodbye_response:
+                self._goodbye_response = None
+                self._spawn(self._end_when_played(self._end_after_goodbye or "agent_ended"), "end_after_goodbye")
+        elif kind in ("input_audio_buffer.speech_stopped", "input_audio_buffer.committed"):
+            # Server VAD answers a finished turn by itself: a response should start shortly.
+            if self._awaiting_response is None:
+                self._awaiting_response = time.monotonic()
         elif kind == "error":
             if (event.get("error") or {}).get("code") not in realtime.BENIGN_ERROR_CODES:
                 log.warning("call %s: model error: %s", self.call_sid, _error_text(event))
@@ -322,8 +353,21 @@ class Call:
         arguments = item.get("arguments") if isinstance(item.get("arguments"), str) else "{}"
         output = await functions.run(name, arguments, _ToolContext(self))
         await self._model.send(realtime.encode(realtime.function_output(call_id, output)))
-        await self._model.send(realtime.encode(realtime.response_create()))
+        if self._end_after_goodbye is not None and self._goodbye_response is None:
+            self._goodbye_pending = True
+        await self._request_response()
         self._bus.publish(events.function_call(self.call_sid, name, arguments, output))
+
+    async def _request_response(self, instructions: str | None = None) -> None:
+        await self._model.send(realtime.encode(realtime.response_create(instructions)))
+        if self._awaiting_response is None:
+            self._awaiting_response = time.monotonic()
+
+    def _spawn(self, coro, name: str) -> None:
+        """A helper task that the call's end cancels."""
+        task = asyncio.get_running_loop().create_task(coro, name=f"{self.call_sid}:{name}")
+        self._aux_tasks.add(task)
+        task.add_done_callback(self._aux_tasks.discard)
 
     async def _end_when_played(self, reason: str) -> None:
         with contextlib.suppress(TimeoutError):
@@ -339,9 +383,22 @@ class Call:
         log.info("call %s: time nearly up, asking the agent to wrap up", self.call_sid)
         with contextlib.suppress(ModelError):  # a broken model ends the call through its own pump
             await self._model.send(realtime.encode(realtime.system_text(WRAP_UP_MESSAGE)))
-            await self._model.send(realtime.encode(realtime.response_create()))
+            await self._request_response()
         await asyncio.sleep(min(s.wrap_up_s, s.session_duration_s))
         self._set_reason("time_limit")
+
+    async def _watch_model(self) -> None:
+        """End the call when the model stops answering: a response asked for (or due after the
+        caller's turn) that has not started within the ready timeout. Otherwise the caller
+        would sit in silence until the time limit."""
+        limit = self._services.ready_timeout_s
+        while True:
+            await asyncio.sleep(min(limit / 4, 1.0))
+            since = self._awaiting_response
+            if since is not None and time.monotonic() - since > limit:
+                log.warning("call %s: the model has not answered for %.1f s", self.call_sid, limit)
+                self._set_reason("model_failed")
+                return
 
     # --- the end ----------------------------------------------------------------------------
 
@@ -361,16 +418,20 @@ class Call:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(CLOSE_TIMEOUT_S):
                     await self.twilio_ws.close()
+        await self._announce("ended", reason)
         # Also after a caller hang-up: cheap, and "already ended" counts as success.
         with contextlib.suppress(Exception):
             await self._services.hangup(self.call_sid)
-        with contextlib.suppress(Exception):
-            await self._services.record_end(self.call_sid, reason)
-        self._publish_status("ended", reason)
         log.info("call %s ended: %s after %.1f s", self.call_sid, reason, time.monotonic() - self.started)
 
-    def _publish_status(self, status: str, reason: str | None = None) -> None:
-        self._bus.publish(events.status_changed(self.call_sid, status, reason))
+    async def _announce(self, status: str, reason: str | None = None) -> None:
+        try:
+            moved = await self._services.record_status(self.call_sid, status, reason)
+        except Exception:  # noqa: BLE001 - the call's own end must not depend on bookkeeping
+            log.exception("call %s: status %s not recorded", self.call_sid, status)
+            moved = True
+        if moved:
+            self._bus.publish(events.status_changed(self.call_sid, status, reason))
 
 
 class _ToolContext:
@@ -381,7 +442,7 @@ class _ToolContext:
         self.call_sid = call.call_sid
 
     def request_end(self, reason: str) -> None:
-        self._call.request_end_after_playout(reason)
+        self._call.request_end_after_goodbye(reason)
 
 
 def _error_text(event: dict[str, Any]) -> str:

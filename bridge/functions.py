@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import zoneinfo
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
+
+log = logging.getLogger("callgate.tools")
 
 TOOL_TIMEOUT_S = 5.0
 
@@ -37,8 +40,10 @@ class Tool:
 
 
 async def _end_call(args: dict[str, Any], call: CallContext) -> Any:
-    call.request_end(str(args.get("reason") or "agent_ended"))
-    return {"ok": True, "note": "the call ends after your goodbye has played"}
+    # A fixed reason: the model's own words (in the function_call event) could hold anything,
+    # a phone number included, and the reason becomes a metric label and a database value.
+    call.request_end("agent_ended")
+    return {"ok": True, "note": "say a short goodbye now; the call ends when it has played"}
 
 
 async def _current_time(args: dict[str, Any], call: CallContext) -> Any:
@@ -84,4 +89,7 @@ async def run(name: str, arguments: str, call: CallContext) -> str:
             result = await tool.run(args, call)
     except TimeoutError:
         result = {"error": f"{name} took too long"}
+    except Exception as exc:  # noqa: BLE001 - a broken tool must not end the call
+        log.exception("tool %s failed", name)
+        result = {"error": f"{name} failed: {type(exc).__name__}"}
     return orjson.dumps(result).decode()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import itertools
 from collections.abc import AsyncIterator
@@ -60,7 +61,10 @@ class OfflineAgent:
         event = orjson.loads(frame)
         kind = event.get("type")
         if kind == "input_audio_buffer.append":
-            self._hear(base64.b64decode(event.get("audio", "")))
+            try:
+                self._hear(base64.b64decode(event.get("audio", ""), validate=True))
+            except binascii.Error:
+                pass  # a frame that is not whole base64: the real model would ignore it too
         elif kind == "session.update":
             self._emit("session.updated", session=event.get("session", {}))
         elif kind == "response.create":

@@ -19,6 +19,14 @@ BENIGN_ERROR_CODES = frozenset({
     "conversation_already_has_active_response",
 })
 
+# Server events that carry transcript text: type → (role, "delta" or "done", the text's field).
+TRANSCRIPT_EVENTS = {
+    "response.output_audio_transcript.delta": ("assistant", "delta", "delta"),
+    "response.output_audio_transcript.done": ("assistant", "done", "transcript"),
+    "conversation.item.input_audio_transcription.delta": ("user", "delta", "delta"),
+    "conversation.item.input_audio_transcription.completed": ("user", "done", "transcript"),
+}
+
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
 
 PCMU = {"type": "audio/pcmu"}

@@ -16,6 +16,8 @@ from db.sql import Queries
 
 
 
+CALL_RETENTION_DAYS = 30
+
 # The advisory lock every instance takes to admit a call under the global cap ("CGADMIT").
 ADMISSION_LOCK = 0x4347_4144_4D49_54
 
@@ -26,7 +28,7 @@ class CallStoreUnavailable(Exception):
 
 class CallStore:
     def __init__(self, pool: asyncpg.Pool, queries: Queries, timeout: float = 2.0) -> None:
-        queries.require("calls_admit", "calls_record", "call_requests_put", "call_requests_get", "calls_status", "calls_mark_refunded", "calls_get", "stream_token_use")
+        queries.require("calls_admit", "calls_end_reason", "calls_cleanup", "calls_record", "call_requests_put", "call_requests_get", "calls_status", "calls_mark_refunded", "calls_get", "stream_token_use")
         self._pool = pool
         self._q = queries
         self._timeout = timeout
@@ -70,6 +72,18 @@ class CallStore:
     async def set_status(self, call_sid: str, status: str, rank: int, reason: str | None = None) -> bool:
         """Move a call forward to ``status``; False when it was already there or further on."""
         return await self._fetchrow(self._q.calls_status, call_sid, status, rank, reason) is not None
+
+    async def set_end_reason(self, call_sid: str, reason: str) -> None:
+        await self._fetchrow(self._q.calls_end_reason, call_sid, reason)
+
+    async def cleanup(self, retention_days: int = CALL_RETENTION_DAYS, batch: int = 1000) -> int:
+        """Delete spent tokens, stale call requests and old call records; returns how many."""
+        total = 0
+        while True:
+            row = await self._fetchrow(self._q.calls_cleanup, retention_days, batch)
+            total += row["tokens"] + row["requests"] + row["calls"]
+            if max(row["tokens"], row["requests"], row["calls"]) < batch:
+                return total
 
     async def claim_refund(self, call_sid: str) -> str | None:
         """The call's charge id, the first time only (so exactly one refund is made)."""

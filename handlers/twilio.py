@@ -32,6 +32,7 @@ from limiter.limiter import CHARGE_ID
 log = logging.getLogger("callgate.twilio")
 
 START_TIMEOUT_S = 5.0         # a stream must send a valid `start` this soon
+MAX_STREAMS_STARTING = 200    # sockets waiting for their `start` at once
 MAX_STREAM_FRAME = 64 * 1024  # a media frame is ~300 bytes; start carries our parameters
 REFUND_STATUSES = frozenset({"busy", "no-answer", "failed", "canceled"})
 STALE_GRACE_S = 120.0  # an unended call this long past the session limit was lost with its instance
@@ -225,19 +226,28 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
     check_signature(request, stream_url(settings.public_url), {})
-    ws = web.WebSocketResponse(max_msg_size=MAX_STREAM_FRAME, compress=False, heartbeat=None)
-    await ws.prepare(request)
+    lifecycle = app[LIFECYCLE]
+    # The handshake signature is the same for every stream (Twilio signs the bare URL): bound
+    # how many sockets may wait for their `start` at once.
+    if lifecycle.streams_starting >= MAX_STREAMS_STARTING:
+        raise web.HTTPServiceUnavailable(text="too many streams starting")
+    lifecycle.streams_starting += 1
     try:
-        start = await _read_start(ws)
-    except TimeoutError:
-        start = None
+        ws = web.WebSocketResponse(max_msg_size=MAX_STREAM_FRAME, compress=False, heartbeat=None)
+        await ws.prepare(request)
+        try:
+            start = await _read_start(ws)
+        except TimeoutError:
+            start = None
+    finally:
+        lifecycle.streams_starting -= 1
     if start is None:
         await ws.close(code=1008, message=b"expected a valid start message")
         return ws
     try:
         setup = await _admit_stream(app, start)
     except _Refused as exc:
-        log.warning("stream for %s refused: %s", start.call_sid, exc)
+        log.warning("stream for %r refused: %s", start.call_sid[:40], exc)
         await ws.close(code=1008, message=str(exc).encode()[:120])
         return ws
 
@@ -276,8 +286,7 @@ async def _admit_stream(app: web.Application, start: wire.Start) -> CallSetup:
         first = await app[CALL_STORE].spend_token(claims.jti)
     except CallStoreUnavailable:
         # Fail open on this instance only: the token still expires within minutes.
-        first = claims.jti not in app[LIFECYCLE].spent_tokens
-        app[LIFECYCLE].spent_tokens.add(claims.jti)
+        first = app[LIFECYCLE].spend_token_locally(claims.jti, claims.expires)
     if not first:
         raise _Refused("stream token already used")
     try:

@@ -197,11 +197,9 @@ class Limiter:
         """
         started = time.perf_counter()
         self._check_charge_id(charge_id)
-        try:
-            phone = number if isinstance(number, PhoneNumber) else self.parse(number)
-        except InvalidNumber as exc:
-            return self._done("hit", refused(self.rules, self._local_now(), exc.code, exc.message, "validation"),
-                              started)
+        phone = self._phone_or_refusal(number)
+        if isinstance(phone, Decision):
+            return self._done("hit", phone, started)
         key = self._keyer.key(phone.e164)
         deadline = _Deadline(self._timeout)
         sent = False
@@ -222,6 +220,15 @@ class Limiter:
         if not decision.allowed:
             log.info("refused %s (key %s): %s", phone.masked, PhoneKeyer.short(key), decision.reason)
         return self._done("hit", decision, started)
+
+    def _phone_or_refusal(self, number: str | PhoneNumber) -> PhoneNumber | Decision:
+        """The parsed number, or the refusal to answer for one that may not be called."""
+        if isinstance(number, PhoneNumber):
+            return number
+        try:
+            return self.parse(number)
+        except InvalidNumber as exc:
+            return refused(self.rules, self._local_now(), exc.code, exc.message, "validation")
 
     def _done(self, op: str, decision: Decision, started: float) -> Decision:
         self._observe(op, decision, time.perf_counter() - started)
@@ -258,11 +265,9 @@ class Limiter:
         """The number's status without charging: would the next call be admitted, and when
         does the next slot free up."""
         started = time.perf_counter()
-        try:
-            phone = number if isinstance(number, PhoneNumber) else self.parse(number)
-        except InvalidNumber as exc:
-            return self._done("test", refused(self.rules, self._local_now(), exc.code, exc.message, "validation"),
-                              started)
+        phone = self._phone_or_refusal(number)
+        if isinstance(phone, Decision):
+            return self._done("test", phone, started)
         key = self._keyer.key(phone.e164)
         keys = [key, *self._keyer.previous(phone.e164)]
         try:

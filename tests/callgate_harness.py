@@ -60,7 +60,7 @@ async def callgate(dsn: str, *, model: FakeRealtime | None = None, port: int = 0
         if model is not None:
             settings |= {"OPENAI_API_KEY": MODEL_KEY, "OPENAI_REALTIME_URL": model.url}
         settings["PORT"] = str(port)
-        server = TestServer(create_app(settings_for(dsn, **(settings | env)), drain_timeout=0),
+        server = TestServer(create_app(settings_for(dsn, **(settings | env))),
                             host="127.0.0.1", port=port)
         await server.start_server()
         harness = Harness(server, api, model)

@@ -189,6 +189,9 @@ async def test_model_failures_end_the_call_cleanly(dsn, fault):
             await call.connect()
             events = await until(sub, is_ended, timeout=5)
         await call.wait_closed(timeout=5)
+        async with asyncio.timeout(5):  # the handler returns once the call is finalised
+            while h.app[LIFECYCLE].active_calls:
+                await asyncio.sleep(0.01)
         tasks = [t for t in asyncio.all_tasks() if call.call_sid in t.get_name() and not t.done()]
         live = dict(h.app[CALLS]), h.app[LIFECYCLE].active_calls
     assert events[-1]["reason"] in ("model_failed", "model_unavailable")
@@ -241,3 +244,73 @@ async def test_metrics_count_calls_frames_and_sockets(dsn):
     assert frames['callgate_relay_frames_total{direction="model_to_caller"'] >= 10
     assert 'callgate_relay_latency_seconds_bucket{direction="model_to_caller",le="0.1"}' in after
     assert 'callgate_open_sockets{kind="twilio"} 0.0' in after and "5550188" not in after
+
+
+async def test_a_model_that_stops_answering_mid_call_ends_the_call(dsn):
+    """After a good start the model goes quiet: once a reply is overdue the call is ended and
+    hung up, instead of leaving the caller in silence until the time limit."""
+    async with FakeRealtime(fault="stall_after_greeting") as model, \
+            callgate(dsn, model=model, MODEL_READY_TIMEOUT_MS="800") as h:
+        call = h.call(audio=b"")
+        await call.webhook()
+        with h.bus.subscribe(call.call_sid) as sub:
+            await call.connect()
+            await call.wait_for_audio(8000)  # the greeting came
+            await call.play(tone(300, freq=500) + silence(600), tail_silence_ms=0)  # a turn, no reply
+            events = await until(sub, is_ended, timeout=10)
+    assert events[-1]["reason"] == "model_failed"
+    assert hangups(h, call.call_sid)
+
+
+async def test_end_call_lets_the_goodbye_play(dsn):
+    """When the agent calls end_call, its goodbye (the reply to the tool's output) plays to the
+    end before the call is hung up."""
+    def reply(session_index: int, response_index: int) -> bytes:
+        return tone(1000 if response_index != 2 else 1500, freq=200 + 100 * response_index, amplitude=0.2)
+
+    async with FakeRealtime(reply_audio=reply, function_calls=[("end_call", '{"reason": "done"}')],
+                            first_call_response=1) as model, callgate(dsn, model=model) as h:
+        call = h.call(audio=b"", speed=2.0)
+        await call.webhook()
+        with h.bus.subscribe(call.call_sid) as sub:
+            await call.connect()
+            await call.wait_for_played(8000, timeout=10)  # the greeting has played
+            await call.play(tone(300, freq=500) + silence(600), tail_silence_ms=0)  # the caller's turn
+            events = await until(sub, is_ended, timeout=15)
+    goodbye = reply(0, 2)
+    assert events[-1]["reason"] == "agent_ended"
+    assert [e["name"] for e in events if e["type"] == "function_call"] == ["end_call"]
+    assert call.received_audio.endswith(goodbye)
+    assert call.played_bytes == len(call.received_audio)  # every byte was heard, the goodbye too
+
+
+async def test_a_silent_twilio_leg_ends_the_call(dsn, monkeypatch):
+    """Twilio streams continuously; a stream that goes quiet without closing is treated as gone."""
+    import bridge.call
+
+    monkeypatch.setattr(bridge.call, "CALLER_IDLE_TIMEOUT_S", 0.5)
+    async with FakeRealtime() as model, callgate(dsn, model=model) as h:
+        call = h.call(audio=b"")
+        await call.webhook()
+        with h.bus.subscribe(call.call_sid) as sub:
+            await call.connect()  # then sends nothing at all
+            session = await model.wait_for_session()
+            events = await until(sub, is_ended, timeout=5)
+            await asyncio.wait_for(session.closed.wait(), timeout=5)
+    assert events[-1]["reason"] == "stream_closed"
+
+
+async def test_caller_audio_before_the_model_is_ready_is_kept(dsn):
+    """Audio the caller sends while the model connection opens reaches the model, in order,
+    after the greeting request."""
+    async with FakeRealtime() as model, callgate(dsn, model=model) as h:
+        call = h.call(audio=b"", speed=50.0)  # a burst: most of it lands before the model is ready
+        await call.webhook()
+        early = quiet_pattern(7, 1000)
+        await call.connect()
+        await call.play(early, tail_silence_ms=0)
+        session = await model.wait_for_session()
+        assert bytes(await session.wait_for_audio(len(early)))[:len(early)] == early
+        kinds = [e["type"] for e in session.events_in]
+        assert kinds.index("response.create") < kinds.index("input_audio_buffer.append")
+        await call.stop()

@@ -80,3 +80,19 @@ async def test_migrating_through_the_pool_waits_out_another_instance(dsn):
     finally:
         await holder.close()
         await pool.close()
+
+
+async def test_calls_cleanup_forgets_only_what_is_old(pool):
+    """Spent tokens and call requests go after a day, call records after their retention."""
+    from db.calls import CallStore
+
+    store = CallStore(pool, Queries())
+    await pool.execute("INSERT INTO stream_tokens_used (jti, used_at) VALUES ('old', now() - interval '2 days'), ('new', now())")
+    await pool.execute("INSERT INTO call_requests (reservation_id, scenario_id, config, voice, created_at) VALUES "
+                       "('RSold', 'x', '{}', 'v', now() - interval '2 days'), ('RSnew', 'x', '{}', 'v', now())")
+    await pool.execute("INSERT INTO calls (call_sid, direction, status, status_rank, created_at) VALUES "
+                       "('CAold', 'inbound', 'ended', 100, now() - interval '40 days'), ('CAnew', 'inbound', 'ended', 100, now())")
+    assert await store.cleanup() == 3
+    assert await pool.fetchval("SELECT array_agg(jti) FROM stream_tokens_used") == ["new"]
+    assert await pool.fetchval("SELECT array_agg(reservation_id) FROM call_requests") == ["RSnew"]
+    assert await pool.fetchval("SELECT array_agg(call_sid) FROM calls") == ["CAnew"]

@@ -40,6 +40,8 @@ then gets the benign ``response_cancel_not_active``.
 
 Faults (constructor ``fault``, applied to every connection):
     drop_after_greeting   after the first response.done, cut TCP (no close frame)
+    stall_after_greeting  after the first response.done, still hear the caller (VAD events,
+                          transcripts) but never start another response
     no_handshake          accept TCP, never answer the HTTP upgrade
     stall                 complete the handshake, then never send anything
     garbage               send a non-JSON frame and a JSON frame without "type", then nothing
@@ -76,7 +78,7 @@ logger = logging.getLogger(__name__)
 
 PATH = "/v1/realtime"
 FAULTS = frozenset({
-    "drop_after_greeting", "no_handshake", "stall", "garbage", "no_session_updated",
+    "drop_after_greeting", "stall_after_greeting", "no_handshake", "stall", "garbage", "no_session_updated",
     "error_on_update",
 })
 AUDIO_FORMATS = frozenset({"audio/pcmu", "audio/pcma", "audio/pcm"})
@@ -616,6 +618,8 @@ class FakeSession:
         self._response.cancel("client_cancelled")
 
     def _start_response(self) -> None:
+        if self.fake.fault == "stall_after_greeting" and self._answered >= 1:
+            return  # the stuck model: input accepted, no answer ever
         response = _Response(new_id("resp"), self._responses)
         self._responses += 1
         self._response = response

@@ -1,0 +1,6 @@
+-- Say why a call ended when its final status was recorded without a reason (Twilio's
+-- "completed" callback can land before the bridge finishes the call).
+--
+-- $1 call_sid text  $2 end_reason text
+-- Returns nothing.
+UPDATE calls SET end_reason = $2 WHERE call_sid = $1 AND end_reason IS NULL

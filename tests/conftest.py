@@ -7,7 +7,9 @@ temporary folder; with it, tests create their databases on that server.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -25,18 +27,22 @@ from helpers import Clock  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def server_dsn(tmp_path_factory: pytest.TempPathFactory) -> str:
+def server_dsn() -> str:
     """DSN of a PostgreSQL server for the whole session (database part ignored)."""
     external = os.environ.get("DATABASE_URL")
     if external:
         yield external
         return
-    pg = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data")
+    # A folder of our own, not pytest's tmp_path: pytest prunes old base folders when another
+    # session starts, which would delete this server's data under it.
+    folder = Path(tempfile.mkdtemp(prefix="callgate-test-pg-"))
+    pg = EmbeddedPostgres(folder / "data")
     pg.start()
     try:
         yield pg.dsn
     finally:
         pg.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def with_database(dsn: str, name: str) -> str:

@@ -11,6 +11,7 @@ from aiohttp import web
 
 from bridge.call import Call, CallServices
 from bridge.events import EventBus
+from bridge.fanout import PgFanout
 from config import Settings
 from db.calls import CallStore
 from db.database import Database
@@ -62,3 +63,4 @@ TWILIO_REST = web.AppKey("twilio_rest", TwilioRest)
 TOKEN_SECRET = web.AppKey("token_secret", bytes)
 HTTP = web.AppKey("http", aiohttp.ClientSession)  # outgoing HTTP (Turnstile)
 FRONTEND = web.AppKey("frontend", FrontendState)
+FANOUT = web.AppKey("fanout", PgFanout)

@@ -26,11 +26,12 @@ from aiohttp import WSCloseCode, web
 
 import logsetup
 import scenarios
-from appkeys import (BUS, CALL_SERVICES, CALL_STORE, CALLS, DATABASE, FRONTEND, HTTP, LIFECYCLE, LIMITER,
+from appkeys import (BUS, CALL_SERVICES, CALL_STORE, CALLS, DATABASE, FANOUT, FRONTEND, HTTP, LIFECYCLE, LIMITER,
                      METRICS, SETTINGS, TOKEN_SECRET, TWILIO_REST, FrontendState, Lifecycle)
 from bridge import functions, tokens
 from bridge.call import CallServices
 from bridge.events import STATUS_RANK, EventBus
+from bridge.fanout import PgFanout
 from bridge.model import ModelConnector, RealtimeConnector
 from bridge.offline import OfflineConnector
 from config import VERSION, ConfigError, Settings, help_text
@@ -99,11 +100,15 @@ def create_app(settings: Settings, *, limiter_clock: Callable[[], int | None] | 
                 app[LIMITER] = limiter = build_limiter(settings, db.pool, app[METRICS], limiter_clock)
                 app[CALL_STORE] = store = CallStore(db.pool, Queries(), settings.limiter_timeout_ms / 1000)
                 app[CALL_SERVICES] = call_services(settings, app, connector, rest, store)
+                app[FANOUT] = fanout = PgFanout(db.dsn, db.pool, app[BUS])
+                app[BUS].forward = fanout.offer
                 duties = [asyncio.create_task(limiter.maintain(), name="limiter-maintenance"),
-                          asyncio.create_task(tidy_calls(store), name="calls-maintenance")]
+                          asyncio.create_task(tidy_calls(store), name="calls-maintenance"),
+                          asyncio.create_task(fanout.run(), name="event-fanout")]
                 try:
                     yield
                 finally:
+                    app[BUS].forward = None
                     for duty in duties:
                         duty.cancel()
                     await asyncio.gather(*duties, return_exceptions=True)

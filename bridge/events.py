@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 log = logging.getLogger("callgate.events")
@@ -86,8 +86,14 @@ class EventBus:
         self._by_call: dict[str, set[Subscription]] = {}
         self._all: set[Subscription] = set()
         self._status: dict[str, Event] = {}
+        # Sends events published here to the other instances (bridge/fanout.py), if any.
+        self.forward: Callable[[Event], None] | None = None
 
-    def publish(self, event: Event) -> None:
+    def publish(self, event: Event, *, remote: bool = False) -> None:
+        """Deliver to this instance's subscribers; events that arose here (not ``remote``)
+        also go to the other instances."""
+        if not remote and self.forward is not None:
+            self.forward(event)
         call_sid = event["callSid"]
         if event["type"] == "call.status_changed":
             self._status[call_sid] = event

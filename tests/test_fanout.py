@@ -1,0 +1,59 @@
+"""Several instances on one PostgreSQL: a browser on one instance follows a call whose media
+stream is on another (events travel over LISTEN/NOTIFY)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+
+from appkeys import FANOUT, TOKEN_SECRET
+from bridge import events, tokens
+from bridge.fanout import MAX_PAYLOAD, PgFanout, _clip
+from bridge.events import EventBus
+from callgate_harness import callgate
+from tools.fake_realtime import FakeRealtime
+
+
+async def wait_listening(h) -> None:
+    await asyncio.wait_for(h.app[FANOUT].listening.wait(), timeout=10)
+
+
+async def test_a_browser_follows_a_call_on_another_instance(dsn):
+    """The stream is on instance A, the browser on instance B: B's subscriber sees the call's
+    status and transcript, once each."""
+    async with FakeRealtime(reply_text="Hello from A.") as model, \
+            callgate(dsn, model=model, ALLOWED_ORIGINS="https://callgate.test") as a, \
+            callgate(dsn, model=model, ALLOWED_ORIGINS="https://callgate.test") as b, \
+            aiohttp.ClientSession() as http:
+        await wait_listening(a)
+        await wait_listening(b)
+        call = a.call(audio=b"")
+        await call.webhook()
+        token = tokens.subscription_token(b.app[TOKEN_SECRET], call.call_sid)
+        browser = await http.ws_connect(b.url + "/logs", headers={"Origin": "https://callgate.test"})
+        await browser.send_str(json.dumps({"type": "call.subscribe", "callSid": call.call_sid, "token": token}))
+        await call.connect()
+        seen = []
+        async with asyncio.timeout(10):
+            while not (seen and seen[-1]["type"] == "transcript.done"):
+                seen.append(json.loads((await browser.receive()).data))
+        await call.stop()
+        async with asyncio.timeout(10):
+            while seen[-1].get("status") != "ended":
+                seen.append(json.loads((await browser.receive()).data))
+        await browser.close()
+    assert seen[-1]["reason"] == "caller_hangup"
+    assert [e["text"] for e in seen if e["type"] == "transcript.done"] == ["Hello from A."]
+    statuses = [e["status"] for e in seen if e["type"] == "call.status_changed"]
+    assert statuses.count("ended") == 1 and "connected" in statuses
+
+
+def test_big_batches_are_split_under_the_notify_limit():
+    """Events are packed into NOTIFY payloads under PostgreSQL's limit; long texts are cut."""
+    fanout = PgFanout("postgresql://unused", None, EventBus())
+    batch = [events.transcript_done("CA1", f"item_{i}", "assistant", "x" * 5000) for i in range(5)]
+    payloads = fanout._payloads([_clip(e) for e in batch])
+    assert len(payloads) >= 2 and all(len(p) <= MAX_PAYLOAD for p in payloads)
+    assert sum(len(json.loads(p)["e"]) for p in payloads) == 5

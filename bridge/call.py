@@ -97,6 +97,7 @@ class Call:
         self._aux_tasks: set[asyncio.Task] = set()
         # When we began waiting for the model to start a response (None: not waiting).
         self._awaiting_response: float | None = None
+        self._last_frame = time.monotonic()  # from Twilio
         self.end_reason: str | None = None
         self._finished = False
         self.started = time.monotonic()
@@ -119,7 +120,7 @@ class Call:
                 tasks |= {
                     asyncio.create_task(self.model_to_caller(), name=f"{self.call_sid}:model_to_caller"),
                     asyncio.create_task(self._time_limit(), name=f"{self.call_sid}:time_limit"),
-                    asyncio.create_task(self._watch_model(), name=f"{self.call_sid}:watch_model"),
+                    asyncio.create_task(self._watchdog(), name=f"{self.call_sid}:watchdog"),
                 }
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             elif opening in done:
@@ -205,15 +206,8 @@ class Call:
 
     async def _read_twilio(self) -> None:
         observe = self._services.observe_frame
-        while True:
-            try:
-                msg = await self.twilio_ws.receive(timeout=CALLER_IDLE_TIMEOUT_S)
-            except TimeoutError:
-                # Twilio streams 50 frames a second, silence included: a quiet leg is a dead one.
-                log.warning("call %s: no frame from Twilio for %.0f s", self.call_sid, CALLER_IDLE_TIMEOUT_S)
-                break
-            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
-                break
+        async for msg in self.twilio_ws:
+            self._last_frame = time.monotonic()  # the watchdog notices a leg gone quiet
             started = time.perf_counter()
             if msg.type != WSMsgType.TEXT:
                 if msg.type == WSMsgType.BINARY:
@@ -229,9 +223,9 @@ class Call:
                     continue
                 if self._ready:
                     await self._model.send(realtime.append_audio(event.payload))
+                    observe("caller_to_model", time.perf_counter() - started)
                 else:
-                    self._pre_ready.append(event.payload)
-                observe("caller_to_model", time.perf_counter() - started)
+                    self._pre_ready.append(event.payload)  # relayed (and counted) once ready
             elif isinstance(event, twilio.Mark):
                 self._on_mark(event.name)
             elif isinstance(event, twilio.Dtmf):
@@ -387,15 +381,22 @@ class Call:
         await asyncio.sleep(min(s.wrap_up_s, s.session_duration_s))
         self._set_reason("time_limit")
 
-    async def _watch_model(self) -> None:
-        """End the call when the model stops answering: a response asked for (or due after the
-        caller's turn) that has not started within the ready timeout. Otherwise the caller
-        would sit in silence until the time limit."""
+    async def _watchdog(self) -> None:
+        """End the call when a side goes quiet. Twilio streams 50 frames a second, silence
+        included, so a leg with no frame for CALLER_IDLE_TIMEOUT_S is gone. The model is
+        stuck when a response asked for (or due after the caller's turn) has not started
+        within the ready timeout; without this the caller would sit in silence until the
+        time limit. One timer for the call, not one per frame."""
         limit = self._services.ready_timeout_s
         while True:
-            await asyncio.sleep(min(limit / 4, 1.0))
+            await asyncio.sleep(min(limit / 4, CALLER_IDLE_TIMEOUT_S / 4, 1.0))
+            now = time.monotonic()
+            if now - self._last_frame > CALLER_IDLE_TIMEOUT_S:
+                log.warning("call %s: no frame from Twilio for %.0f s", self.call_sid, CALLER_IDLE_TIMEOUT_S)
+                self._set_reason("stream_closed")
+                return
             since = self._awaiting_response
-            if since is not None and time.monotonic() - since > limit:
+            if since is not None and now - since > limit:
                 log.warning("call %s: the model has not answered for %.1f s", self.call_sid, limit)
                 self._set_reason("model_failed")
                 return

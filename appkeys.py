@@ -44,10 +44,27 @@ class Lifecycle:
 
 @dataclass
 class FrontendState:
-    """Who is connected on /logs: open sockets per client IP, and every socket (for shutdown)."""
+    """Who is connected on /logs: open sockets per client IP, every socket (for shutdown),
+    work started by clients that outlives them, and recent call.starts per client IP."""
 
     per_ip: collections.Counter = field(default_factory=collections.Counter)
     sockets: set[web.WebSocketResponse] = field(default_factory=set)
+    background: set = field(default_factory=set)
+    call_starts: dict[str, collections.deque] = field(default_factory=dict)
+
+    def take_call_start(self, ip: str, limit: int = 10, window_s: float = 3600.0) -> bool:
+        """A sliding log per client address: at most ``limit`` call.starts per window."""
+        now = time.monotonic()
+        log = self.call_starts.setdefault(ip, collections.deque())
+        while log and log[0] <= now - window_s:
+            log.popleft()
+        if len(log) >= limit:
+            return False
+        log.append(now)
+        if len(self.call_starts) > 10_000:  # bounded: forget the quietest addresses
+            for quiet in [k for k, v in self.call_starts.items() if not v][:1000]:
+                del self.call_starts[quiet]
+        return True
 
 
 SETTINGS = web.AppKey("settings", Settings)

@@ -120,6 +120,15 @@ def _region(text: str) -> str:
     return value
 
 
+def normalise_origin(origin: str) -> str:
+    """scheme://host[:port] in lower case, without a default port: how browsers send Origin."""
+    parts = urlsplit(origin.strip().rstrip("/").lower())
+    netloc = parts.netloc
+    if (parts.scheme, parts.port) in (("http", 80), ("https", 443)):
+        netloc = parts.hostname or netloc
+    return f"{parts.scheme}://{netloc}"
+
+
 def _origins(text: str) -> tuple[str, ...]:
     origins = []
     for part in text.split(","):
@@ -129,7 +138,7 @@ def _origins(text: str) -> tuple[str, ...]:
         parsed = urlsplit(part)
         if parsed.scheme not in ("http", "https") or not parsed.netloc or parsed.path:
             raise ValueError(f"{part!r} is not an origin (scheme://host[:port])")
-        origins.append(part)
+        origins.append(normalise_origin(part))
     return tuple(origins)
 
 
@@ -306,8 +315,7 @@ class Settings:
             raise ConfigError("PHONE_ENCRYPTION_PREVIOUS_KEYS has an empty key")
         origins = self.allowed_origins
         if not origins:
-            parsed = urlsplit(public_url)
-            origins = (f"{parsed.scheme}://{parsed.netloc}",)
+            origins = (normalise_origin(public_url),)
             if not self.production:
                 origins += tuple(f"http://{h}:{self.port}" for h in ("localhost", "127.0.0.1"))
         return dataclasses.replace(self, public_url=public_url, allowed_origins=origins, warnings=tuple(warnings))

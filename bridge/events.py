@@ -50,15 +50,21 @@ def function_call(call_sid: str, name: str, arguments: str, output: str) -> Even
 
 class Subscription:
     """One subscriber's view: a bounded queue of events. ``overflowed`` is set (and no more
-    events are queued) when it fell ``maxsize`` events behind."""
+    events are queued) when it fell ``maxsize`` events behind. With a ``sink`` the events go
+    straight to it instead (a frontend client with its own bounded queue)."""
 
-    def __init__(self, bus: EventBus, call_sid: str | None, maxsize: int) -> None:
+    def __init__(self, bus: EventBus, call_sid: str | None, maxsize: int,
+                 sink: Callable[[Event], None] | None = None) -> None:
         self._bus = bus
         self.call_sid = call_sid
         self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize)
         self.overflowed = asyncio.Event()
+        self._sink = sink
 
     def offer(self, event: Event) -> None:
+        if self._sink is not None:
+            self._sink(event)
+            return
         if self.overflowed.is_set():
             return
         try:
@@ -96,23 +102,28 @@ class EventBus:
             self.forward(event)
         call_sid = event["callSid"]
         if event["type"] == "call.status_changed":
+            current = self._status.get(call_sid)
+            if current is not None and STATUS_RANK.get(event["status"], 0) < STATUS_RANK.get(current["status"], 0):
+                return  # late (another instance, a slow write): statuses never go back
             self._status[call_sid] = event
             if event["status"] in FINAL_STATUSES:
                 # Keep the final status for late subscribers, bounded by a simple cap.
                 if len(self._status) > 10_000:
                     for sid in list(self._status)[:1000]:
                         self._status.pop(sid, None)
-        for sub in self._subscribers(call_sid):
+        # A snapshot: a subscriber may close itself on the event it is given (its call's end).
+        for sub in list(self._subscribers(call_sid)):
             sub.offer(event)
 
     def _subscribers(self, call_sid: str) -> Iterator[Subscription]:
         yield from self._by_call.get(call_sid, ())
         yield from self._all
 
-    def subscribe(self, call_sid: str | None = None, maxsize: int = 256, *, with_status: bool = True) -> Subscription:
+    def subscribe(self, call_sid: str | None = None, maxsize: int = 256, *, with_status: bool = True,
+                  sink: Callable[[Event], None] | None = None) -> Subscription:
         """Events of one call (or, with None, of every call) from now on, starting with the
         call's current status when it has one (unless ``with_status`` is False)."""
-        sub = Subscription(self, call_sid, maxsize)
+        sub = Subscription(self, call_sid, maxsize, sink)
         if call_sid is None:
             self._all.add(sub)
         else:

@@ -69,9 +69,10 @@ class CallStore:
         row = await self._fetchrow(self._q.call_requests_get, reservation_id)
         return dict(row) if row else None
 
-    async def set_status(self, call_sid: str, status: str, rank: int, reason: str | None = None) -> bool:
+    async def set_status(self, call_sid: str, status: str, rank: int, reason: str | None = None,
+                         charge_id: str | None = None) -> bool:
         """Move a call forward to ``status``; False when it was already there or further on."""
-        return await self._fetchrow(self._q.calls_status, call_sid, status, rank, reason) is not None
+        return await self._fetchrow(self._q.calls_status, call_sid, status, rank, reason, charge_id) is not None
 
     async def set_end_reason(self, call_sid: str, reason: str) -> None:
         await self._fetchrow(self._q.calls_end_reason, call_sid, reason)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from typing import Any
 
 import orjson
@@ -19,8 +20,9 @@ from aiohttp import WSMsgType, web
 
 import scenarios
 import turnstile
-from appkeys import BUS, CALL_STORE, CALLS, FRONTEND, HTTP, LIMITER, METRICS, SETTINGS, TOKEN_SECRET, TWILIO_REST
+from appkeys import BUS, CALL_STORE, CALLS, FRONTEND, HTTP, LIFECYCLE, LIMITER, METRICS, SETTINGS, TOKEN_SECRET, TWILIO_REST
 from bridge import events, tokens
+from config import normalise_origin
 from db.calls import CallStoreUnavailable
 from limiter.errors import InvalidNumber
 from limiter.rules import Decision
@@ -32,6 +34,9 @@ MAX_FRAME = 64 * 1024      # larger frames close the socket with 1009
 CLIENT_QUEUE = 256         # messages waiting for one client before it counts as stuck
 SEND_TIMEOUT_S = 5.0       # one message taking longer than this to go out: the client is stuck
 HEARTBEAT_S = 30.0
+CHECKS_PER_S, CHECK_BURST = 10.0, 20   # rate_limit_check: each one is a database read
+CALL_STARTS_PER_IP = 10    # call.start per client address per hour, on this instance
+CALL_START_WINDOW_S = 3600.0
 
 
 def client_ip(request: web.Request) -> str:
@@ -44,13 +49,15 @@ def origin_allowed(request: web.Request) -> bool:
     origin = request.headers.get("Origin")
     if origin is None:
         return True  # not a browser (browsers always send Origin on a WebSocket upgrade)
-    return origin.rstrip("/") in request.app[SETTINGS].allowed_origins
+    return normalise_origin(origin) in request.app[SETTINGS].allowed_origins
 
 
 async def logs(request: web.Request) -> web.StreamResponse:
     app = request.app
     if not origin_allowed(request):
         raise web.HTTPForbidden(text="origin not allowed: add it to ALLOWED_ORIGINS")
+    if app[LIFECYCLE].draining:
+        raise web.HTTPServiceUnavailable(text="shutting down: connect again in a moment")
     state = app[FRONTEND]
     ip = client_ip(request)
     if state.per_ip[ip] >= app[SETTINGS].max_connections_per_ip:
@@ -96,14 +103,16 @@ class Client:
     def __init__(self, app: web.Application, ws: web.WebSocketResponse, ip: str, transport) -> None:
         self.app = app
         self.ws = ws
-        self._transport = transport
         self.ip = ip
+        self._transport = transport
         self.id = secrets.token_hex(4)
         self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(CLIENT_QUEUE)
-        self.followed: dict[str, asyncio.Task] = {}  # callSid (or "*") → forwarding task
-        self.tokens: dict[str, str] = {}             # calls this client may end
-        self.starting: asyncio.Task | None = None
-        self.stuck = False
+        self.followed: dict[str, events.Subscription] = {}  # callSid (or "*") → subscription
+        self.tokens: dict[str, str] = {}                     # calls this client may end
+        self.placing = False  # a call.start is waiting for its answer
+        self.gone = False
+        self._checks = float(CHECK_BURST)
+        self._checks_at = time.monotonic()
 
     # --- the connection's life -------------------------------------------------------------
 
@@ -116,13 +125,18 @@ class Client:
                 elif msg.type == WSMsgType.BINARY:
                     self.send(_error("invalid_message", "send JSON text frames"))
         finally:
-            for task in [sender, *self.followed.values(), *([self.starting] if self.starting else [])]:
-                task.cancel()
-            await asyncio.gather(sender, *self.followed.values(), return_exceptions=True)
+            # A call being placed is not cancelled: Twilio may already be ringing the number,
+            # and its record and charge must still be written (it finishes on its own).
+            self.gone = True
+            for sub in self.followed.values():
+                sub.close()
+            self.followed.clear()
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
 
     def send(self, message: dict[str, Any]) -> None:
         """Queue a message; a client too far behind is disconnected, never waited for."""
-        if self.stuck:
+        if self.gone:
             return
         try:
             self.outbox.put_nowait(message)
@@ -142,13 +156,22 @@ class Client:
                 return
 
     def _drop(self, why: str) -> None:
-        if self.stuck:
+        if self.gone:
             return
-        self.stuck = True
+        self.gone = True
         log.warning("frontend client %s %s: disconnected", self.id, why)
         # Abort, not close: a close frame would queue behind the data it is not reading.
         if self._transport is not None:
             self._transport.abort()
+
+    def background(self, coro, name: str) -> asyncio.Task:
+        """Work that must finish even if this client goes away (placing a call, hanging up):
+        kept by the application, which shutdown waits for."""
+        task = asyncio.get_running_loop().create_task(coro, name=f"frontend-{self.id}:{name}")
+        pending = self.app[FRONTEND].background
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        return task
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -173,29 +196,51 @@ class Client:
             return
         await handler(message)
 
+    def _take_check(self) -> bool:
+        """A token bucket per connection: checks cost a database read each."""
+        now = time.monotonic()
+        self._checks = min(CHECK_BURST, self._checks + (now - self._checks_at) * CHECKS_PER_S)
+        self._checks_at = now
+        if self._checks < 1:
+            return False
+        self._checks -= 1
+        return True
+
     async def _rate_limit_check(self, message: dict[str, Any]) -> None:
         number = message.get("phoneNumber")
         if not isinstance(number, str):
             self.send(_error("invalid_message", "rate_limit_check needs a string phoneNumber"))
+            return
+        if not self._take_check():
+            self.send(_error("slow_down", f"at most {CHECKS_PER_S:.0f} checks a second"))
             return
         decision = await self.app[LIMITER].test(number)
         # The number is echoed exactly as sent: existing clients match replies on it.
         self.send({"type": "rate_limit_status", "phoneNumber": number, **_limit_fields(decision)})
 
     async def _call_start(self, message: dict[str, Any]) -> None:
-        if self.starting is not None and not self.starting.done():
+        if self.placing:
             self.send(_error("busy", "a call is already being placed from this connection"))
+            return
+        if self.app[LIFECYCLE].draining:
+            self.send(_error("unavailable", "this server is restarting; try again in a moment"))
+            return
+        if not self.app[FRONTEND].take_call_start(self.ip, CALL_STARTS_PER_IP, CALL_START_WINDOW_S):
+            self.send(_error("too_many_calls", "too many calls placed from your address; try again later"))
             return
         # Placing a call waits for Twilio: do it beside the reader, so this client's other
         # requests (a rate-limit check, call.end) are still answered meanwhile.
-        self.starting = asyncio.create_task(self._place_call(message), name=f"frontend-{self.id}:call.start")
+        self.placing = True
+        self.background(self._place_call(message), "call.start")
 
     async def _place_call(self, message: dict[str, Any]) -> None:
         try:
             await OutboundCall(self, message).place()
-        except Exception:  # noqa: BLE001 - a bug must not kill the connection silently
+        except Exception:  # noqa: BLE001 - a bug must not pass silently
             log.exception("call.start failed")
             self.send(_error("internal", "the call could not be placed"))
+        finally:
+            self.placing = False
 
     async def _call_subscribe(self, message: dict[str, Any]) -> None:
         if message.get("all") is True:
@@ -211,42 +256,34 @@ class Client:
         if not tokens.check_subscription(self.app[TOKEN_SECRET], call_sid, token):
             self.send(_error("forbidden", "callSid and its token are needed to follow a call"))
             return
+        if self.app[BUS].current_status(call_sid) is None:
+            # No news of it here (its stream is on another instance, or it ended long ago):
+            # start from what the database knows, before any live event.
+            try:
+                record = await self.app[CALL_STORE].get(call_sid)
+            except CallStoreUnavailable:
+                record = None
+            if record is None:
+                self.send(_error("unknown_call", "no such call is known (it may have ended long ago)"))
+                return
+            self.send(events.status_changed(call_sid, record["status"], record["end_reason"]))
         self.tokens[call_sid] = token
         self.follow(call_sid)
-        if self.app[BUS].current_status(call_sid) is None:
-            await self._send_stored_status(call_sid)
-
-    async def _send_stored_status(self, call_sid: str) -> None:
-        """A call this instance has no news of (its stream is elsewhere, or it ended): tell
-        the client what the database knows."""
-        with contextlib.suppress(CallStoreUnavailable):
-            record = await self.app[CALL_STORE].get(call_sid)
-            if record is not None:
-                self.send(events.status_changed(call_sid, record["status"], record["end_reason"]))
 
     def follow(self, call_sid: str | None, *, with_status: bool = True) -> None:
-        """Forward the bus's events of one call (None: of every call) to this client, starting
-        with the call's current status unless ``with_status`` is False."""
+        """Send this client the bus's events of one call (None: of every call), starting with
+        the call's current status unless ``with_status`` is False."""
         key = call_sid or "*"
-        if key in self.followed:
+        if self.gone or key in self.followed:
             return
-        sub = self.app[BUS].subscribe(call_sid, maxsize=CLIENT_QUEUE, with_status=with_status)
-        self.followed[key] = asyncio.create_task(self._forward(sub), name=f"frontend-{self.id}:follow")
+        self.followed[key] = self.app[BUS].subscribe(call_sid, with_status=with_status, sink=self._deliver)
 
-    async def _forward(self, sub: events.Subscription) -> None:
-        with sub:
-            overflow = asyncio.create_task(sub.overflowed.wait())
-            try:
-                while not self.stuck:
-                    getting = asyncio.create_task(sub.get())
-                    done, _ = await asyncio.wait({getting, overflow}, return_when=asyncio.FIRST_COMPLETED)
-                    if overflow in done:
-                        getting.cancel()
-                        self._drop("fell too far behind on call events")
-                        return
-                    self.send(getting.result())
-            finally:
-                overflow.cancel()
+    def _deliver(self, event: events.Event) -> None:
+        self.send(event)
+        if event["type"] == "call.status_changed" and event["status"] in events.FINAL_STATUSES:
+            sub = self.followed.pop(event["callSid"], None)  # its last event: stop following
+            if sub is not None:
+                sub.close()
 
     async def _call_end(self, message: dict[str, Any]) -> None:
         call_sid = message.get("callSid")
@@ -261,7 +298,7 @@ class Client:
         else:
             # The stream is on another instance, or not open yet: Twilio ends the call, and
             # with it the stream, wherever that is.
-            await self.app[TWILIO_REST].hangup(call_sid)
+            self.background(self.app[TWILIO_REST].hangup(call_sid), "call.end")
 
 
 class OutboundCall:
@@ -275,6 +312,7 @@ class OutboundCall:
 
     def fail(self, code: str, text: str) -> None:
         self.client.send(_error(code, text))
+        self.client.placing = False
 
     async def place(self) -> None:
         app, settings, msg = self.app, self.app[SETTINGS], self.message
@@ -291,7 +329,8 @@ class OutboundCall:
             return self.fail("invalid_config", str(exc))
         if settings.turnstile_secret and not await turnstile.verify(
                 app[HTTP], settings.turnstile_verify_url, settings.turnstile_secret.value,
-                msg.get("turnstileToken"), self.client.ip):
+                msg.get("turnstileToken"), None if self.client.ip == "unknown" else self.client.ip,
+                timeout=turnstile.VERIFY_TIMEOUT_S):
             return self.fail("turnstile_failed", "the human check failed; reload the page and try again")
         caller_id = {"US": settings.twilio_number_us, "AU": settings.twilio_number_au,
                      "IN": settings.twilio_number_in}.get(phone.region) or settings.twilio_number_us
@@ -308,6 +347,7 @@ class OutboundCall:
             self.client.send({"type": "rate_limit_exceeded", "phoneNumber": self.number_as_sent,
                               "reason": decision.reason, "resetTime": decision.reset_time,
                               "message": decision.message})
+            self.client.placing = False
             return None
 
         public = settings.public_url
@@ -326,14 +366,16 @@ class OutboundCall:
             log.warning("call.start to %s: outcome unknown (%s)", phone.masked, exc)
             return self.fail("call_outcome_unknown", "Twilio did not answer in time; the call may still ring")
 
-        with contextlib.suppress(CallStoreUnavailable):
-            await app[CALL_STORE].record(call_sid, reservation, "outbound-api", phone.region, scenario.id)
         token = tokens.subscription_token(app[TOKEN_SECRET], call_sid)
         log.info("call.start: placed %s to %s (%s)", call_sid, phone.masked, scenario.id)
+        # Reply and follow before anything else is awaited, so no status Twilio reports from
+        # now on can slip between them. This client's copy of "queued" carries the token.
         queued = events.status_changed(call_sid, "queued")
-        app[BUS].publish(queued)  # for operators following every call
-        # This client's copy carries the token; it follows the call from the next event on.
+        app[BUS].publish(queued)
         self.client.send({**queued, "token": token})
+        self.client.placing = False  # answered: the next call.start may go
         self.client.tokens[call_sid] = token
         self.client.follow(call_sid, with_status=False)
+        with contextlib.suppress(CallStoreUnavailable):
+            await app[CALL_STORE].record(call_sid, reservation, "outbound-api", phone.region, scenario.id)
         return None

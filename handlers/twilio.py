@@ -185,16 +185,20 @@ async def status_callback(request: web.Request) -> web.Response:
     status = events.TWILIO_STATUS.get(form.get("CallStatus", ""))
     if not wire.safe_id(call_sid) or status is None:
         raise web.HTTPBadRequest(text="CallSid or CallStatus is missing or unknown")
+    # Our outbound calls' callback URL (signed) names the charge; other calls are charged
+    # under their CallSid.
+    named_charge = request.query.get("charge")
+    if named_charge is not None and not CHARGE_ID.fullmatch(named_charge):
+        raise web.HTTPBadRequest(text="charge must be 1-64 letters, digits or _.:-")
     store = app[CALL_STORE]
     try:
-        changed = await store.set_status(call_sid, status, events.STATUS_RANK[status])
+        changed = await store.set_status(call_sid, status, events.STATUS_RANK[status], charge_id=named_charge)
         charge_id = await store.claim_refund(call_sid) if status in REFUND_STATUSES else None
     except CallStoreUnavailable:
-        # Without the record we still know the charge id of a call charged under its CallSid;
-        # the limiter refunds idempotently and writes back later if it must.
-        changed, charge_id = True, (request.query.get("charge") or call_sid) if status in REFUND_STATUSES else None
-        if charge_id is not None and not CHARGE_ID.fullmatch(charge_id):
-            charge_id = None
+        # The limiter refunds idempotently (and writes back later if it must): refunding
+        # without the record cannot refund twice.
+        changed = True
+        charge_id = (named_charge or call_sid) if status in REFUND_STATUSES else None
     if changed:
         app[BUS].publish(events.status_changed(call_sid, status))
     if charge_id is not None:

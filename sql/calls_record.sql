@@ -5,4 +5,8 @@
 -- Returns nothing.
 INSERT INTO calls AS c (call_sid, charge_id, direction, region, scenario_id, status, status_rank)
 VALUES ($1, $2, $3, $4, $5, 'queued', 0)
-ON CONFLICT (call_sid) DO UPDATE SET charge_id = coalesce(c.charge_id, excluded.charge_id)
+ON CONFLICT (call_sid) DO UPDATE
+   SET charge_id = coalesce(c.charge_id, excluded.charge_id),
+       direction = CASE WHEN c.direction = 'unknown' THEN excluded.direction ELSE c.direction END,
+       region = CASE WHEN c.region = '' THEN excluded.region ELSE c.region END,
+       scenario_id = coalesce(c.scenario_id, excluded.scenario_id)

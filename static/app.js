@@ -464,7 +464,7 @@ function resubscribe() {
 }
 
 function onStatusChanged(message) {
-  if (state.starting && message.callSid) adoptCall(message);
+  if (state.starting && message.callSid && message.token) adoptCall(message); // only call.start's own reply carries a token
   if (!isCurrentCall(message)) return;
   state.resuming = false;
   setStatus(message.status, message.reason);

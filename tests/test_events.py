@@ -41,3 +41,24 @@ def test_closed_subscriptions_receive_nothing():
     sub.close()
     bus.publish(events.status_changed("CA1", "ended"))
     assert sub.queue.empty()
+
+
+def test_statuses_never_go_back():
+    """A late status ranking below the current one is not delivered (nor remembered)."""
+    bus = events.EventBus()
+    with bus.subscribe("CA1") as sub:
+        for status in ("queued", "busy", "queued", "ringing"):
+            bus.publish(events.status_changed("CA1", status))
+        assert [sub.queue.get_nowait()["status"] for _ in range(sub.queue.qsize())] == ["queued", "busy"]
+    assert bus.current_status("CA1")["status"] == "busy"
+
+
+def test_a_subscriber_closing_on_an_event_does_not_stop_delivery():
+    """A sink that unsubscribes when its call ends does not keep others from the same event."""
+    bus = events.EventBus()
+    got = []
+    sub = bus.subscribe("CA1", sink=lambda e: (got.append(("a", e["status"])), sub.close()))
+    bus.subscribe("CA1", sink=lambda e: got.append(("b", e["status"])))
+    every = bus.subscribe(None)
+    bus.publish(events.status_changed("CA1", "ended"))
+    assert sorted(got) == [("a", "ended"), ("b", "ended")] and every.queue.qsize() == 1

@@ -327,11 +327,14 @@ async def test_a_frozen_client_is_dropped_and_the_call_goes_on(dsn, session):
         token = tokens.subscription_token(h.app[TOKEN_SECRET], sim.call_sid)
         frozen = await open_frontend(session, h)
         assert (await frozen.ask({"type": "call.subscribe", "callSid": sim.call_sid, "token": token}))["status"]
-        # The frozen client now reads nothing while the call produces far more than it can hold.
-        for i in range(2000):
-            h.bus.publish(events.transcript_delta(sim.call_sid, "item_x", "assistant", "word " * 200))
+        # The frozen client now reads nothing while the call produces far more than it and
+        # the sockets' buffers can hold (16 MB).
+        for i in range(4000):
+            h.bus.publish(events.transcript_delta(sim.call_sid, "item_x", "assistant", "word " * 800))
             if i % 100 == 0:
                 await asyncio.sleep(0)
+            if not h.app[FRONTEND].sockets:
+                break
         async with asyncio.timeout(10):
             while h.app[FRONTEND].sockets:
                 await asyncio.sleep(0.02)
@@ -341,3 +344,105 @@ async def test_a_frozen_client_is_dropped_and_the_call_goes_on(dsn, session):
         await sim.play(bytes([0xFF]) * 8000, tail_silence_ms=0)
         await model_session.wait_for_audio(sent_before + 8000)
         await sim.stop()
+
+
+async def test_a_status_callback_before_the_call_is_recorded_still_refunds(dsn, session):
+    """A busy callback that beats call.start's own record of the call (its signed URL names
+    the reservation) refunds the charge all the same."""
+    async with callgate(dsn, **TWILIO_ENV) as h:
+        limiter = h.app[LIMITER]
+        await limiter.hit("+14155550123", "RS" + "a" * 32)
+        form = {"CallSid": "CA" + "b" * 32, "CallStatus": "busy", "AccountSid": h.twilio_api.account_sid}
+        url = f"{PUBLIC_URL}/twilio/status?charge=RS{'a' * 32}"
+        from twilio.request_validator import RequestValidator
+        from callgate_harness import AUTH_TOKEN
+        signature = RequestValidator(AUTH_TOKEN).compute_signature(url, form)
+        async with session.post(h.url + f"/twilio/status?charge=RS{'a' * 32}", data=form,
+                                headers={"X-Twilio-Signature": signature}) as resp:
+            assert resp.status == 204
+        assert (await limiter.test("+14155550123")).remaining == 2
+
+
+async def test_a_browser_leaving_mid_call_start_does_not_lose_the_call(dsn, session):
+    """The browser closes while Twilio is still placing its call: the call is recorded with
+    its charge all the same, so its status callbacks can refund it."""
+    async with callgate(dsn, **TWILIO_ENV) as h:
+        h.twilio_api.delay_next(0.5)
+        client = await open_frontend(session, h)
+        await client.send({"type": "call.start", "phoneNumber": "+14155550123", "scenarioId": "customer-service"})
+        await h.twilio_api.wait_for_request(lambda r: r.path.endswith("/Calls.json"))
+        await client.ws.close()
+        async with asyncio.timeout(10):
+            while not h.twilio_api.calls or not await h.app[CALL_STORE].get(next(iter(h.twilio_api.calls))):
+                await asyncio.sleep(0.02)
+        record = await h.app[CALL_STORE].get(next(iter(h.twilio_api.calls)))
+    assert record["charge_id"].startswith("RS") and record["direction"] == "outbound-api"
+
+
+async def test_draining_closes_browsers_with_going_away_and_refuses_new_ones(dsn, session):
+    """On shutdown browsers are told 1001 (reconnect elsewhere), and new upgrades get 503."""
+    from server import drain
+
+    async with callgate(dsn, **TWILIO_ENV) as h:
+        client = await open_frontend(session, h)
+        await drain(h.app, timeout=0)
+        msg = await client.ws.receive(timeout=5)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1001
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await open_frontend(session, h)
+        assert info.value.status == 503
+
+
+async def test_following_an_unknown_call_is_an_error(dsn, session):
+    """A valid token for a call this deployment never saw gets unknown_call, not silence."""
+    async with callgate(dsn, **TWILIO_ENV) as h:
+        client = await open_frontend(session, h)
+        sid = "CA" + "c" * 32
+        token = tokens.subscription_token(h.app[TOKEN_SECRET], sid)
+        reply = await client.ask({"type": "call.subscribe", "callSid": sid, "token": token})
+        other = await client.ask({"type": "call.subscribe", "callSid": "CA" + "d" * 32, "token": token})
+    assert reply["code"] == "unknown_call" and other["code"] == "forbidden"
+
+
+async def test_checks_and_call_starts_are_rate_limited_per_client(dsn, session):
+    """A socket flooding rate_limit_check is told to slow down; one address placing many calls
+    is refused before any charge or REST request."""
+    async with callgate(dsn, RATE_LIMIT_PHONE_MAX_CALLS="100", **TWILIO_ENV) as h:
+        client = await open_frontend(session, h, **{"Fly-Client-IP": "203.0.113.9"})
+        for _ in range(25):
+            await client.send({"type": "rate_limit_check", "phoneNumber": "+14155550100"})
+        replies = [await client.recv() for _ in range(25)]
+        assert {r["type"] for r in replies} == {"rate_limit_status", "error"}
+        assert [r for r in replies if r["type"] == "error"][0]["code"] == "slow_down"
+        codes = []
+        for i in range(11):
+            codes.append((await place(client, number=f"+1415555{2000 + i}"))[0].get("code", "queued"))
+        assert codes[:10] == ["queued"] * 10 and codes[10] == "too_many_calls"
+        assert len([r for r in h.twilio_api.requests if r.path.endswith("/Calls.json")]) == 10
+
+
+async def test_turnstile_that_does_not_answer_fails_closed_in_time(dsn, session, monkeypatch):
+    """A Turnstile verifier that never answers means no call, within the verification bound."""
+    import turnstile
+
+    monkeypatch.setattr(turnstile, "VERIFY_TIMEOUT_S", 0.3)
+    silent = await asyncio.start_server(lambda r, w: asyncio.sleep(30), "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{silent.sockets[0].getsockname()[1]}/siteverify"
+    try:
+        async with callgate(dsn, TURNSTILE_SECRET_KEY="ts", TURNSTILE_VERIFY_URL=url, **TWILIO_ENV) as h:
+            client = await open_frontend(session, h)
+            reply, = await asyncio.wait_for(place(client, turnstileToken="anything"), timeout=5)
+            assert reply["code"] == "turnstile_failed"
+            assert not [r for r in h.twilio_api.requests if r.path.endswith("/Calls.json")]
+    finally:
+        silent.close()
+
+
+async def test_caller_id_follows_the_region(dsn, session):
+    """An Australian number is called from the AU caller id; with none for IN, from the US one."""
+    async with callgate(dsn, TWILIO_PHONE_NUMBER_AU="+61291234567", **TWILIO_ENV) as h:
+        client = await open_frontend(session, h)
+        await place(client, number="+61 2 9374 4000")
+        await place(client, number="+91 98765 43210")
+        froms = [r.value("From") for r in h.twilio_api.requests if r.path.endswith("/Calls.json")]
+    assert froms == ["+61291234567", CALLER_ID]

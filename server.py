@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import html
 import asyncio
-import contextlib
 import logging
 import os
 import signal

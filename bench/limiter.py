@@ -26,21 +26,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import itertools
 import math
 import os
 import random
 import resource
 import sys
-import tempfile
 import time
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 # The project is not installed: import it from the repository root. Inserted first, because
 # this script's own folder (bench/, sys.path[0] when run as a file) holds a `limiter.py` that
@@ -50,9 +46,9 @@ sys.path.insert(0, str(ROOT))
 
 import asyncpg  # noqa: E402
 
+from bench.common import run_database  # noqa: E402
+
 from db.database import create_pool  # noqa: E402
-from db.embedded import EmbeddedPostgres  # noqa: E402
-from db.migrate import migrate  # noqa: E402
 from db.sql import Queries  # noqa: E402
 from limiter.errors import InvalidNumber  # noqa: E402
 from limiter.limiter import Limiter, Regions  # noqa: E402
@@ -210,58 +206,6 @@ def select_one_op(pool: asyncpg.Pool) -> Callable[[], Awaitable[None]]:
 
 # --- the database ------------------------------------------------------------------------------
 
-def with_database(dsn: str, name: str) -> str:
-    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
-
-
-@contextlib.asynccontextmanager
-async def fresh_database() -> AsyncIterator[tuple[str, str]]:
-    """A migrated, empty database for this run: yields (dsn, where it runs)."""
-    external = os.environ.get("DATABASE_URL")
-    if external:
-        async with scratch_database(external) as dsn:
-            yield dsn, f"DATABASE_URL server {urlsplit(external).hostname}:{urlsplit(external).port or 5432}"
-        return
-    with tempfile.TemporaryDirectory(prefix="callgate-bench-") as folder:
-        embedded = EmbeddedPostgres(Path(folder) / "data")
-        dsn = await asyncio.to_thread(embedded.start)
-        try:
-            await apply_migrations(dsn)
-            yield dsn, "embedded PostgreSQL (temporary)"
-        finally:
-            await asyncio.to_thread(embedded.stop)
-
-
-@contextlib.asynccontextmanager
-async def scratch_database(server_dsn: str) -> AsyncIterator[str]:
-    """`bench_<random>` on an existing server, like tests/conftest.py; dropped at the end."""
-    name = f"bench_{uuid.uuid4().hex[:12]}"
-    admin_dsn = with_database(server_dsn, "postgres")
-    admin = await asyncpg.connect(admin_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        dsn = with_database(server_dsn, name)
-        await apply_migrations(dsn)
-        yield dsn
-    finally:
-        admin = await asyncpg.connect(admin_dsn)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-
-
-async def apply_migrations(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await migrate(conn)
-    finally:
-        await conn.close()
-
-
 async def flush_statistics(pool: asyncpg.Pool) -> None:
     """Ask every pooled backend to publish its table counters now.
 
@@ -342,7 +286,7 @@ def parse_args() -> argparse.Namespace:
 
 async def main() -> None:
     args = parse_args()
-    async with fresh_database() as (dsn, where):
+    async with run_database(migrated=True) as (dsn, where):
         pool = await create_pool(dsn, args.pool_size)
         try:
             limiter = Limiter(pool, Queries(), PhoneKeyer(BENCH_KEY), RULES, REGIONS,

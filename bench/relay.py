@@ -88,26 +88,23 @@ import os
 import random
 import struct
 import sys
-import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 # The project is not installed: import it from the repository root, inserted first (this
 # script's own folder holds bench/limiter.py, which would shadow the `limiter` package).
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import asyncpg  # noqa: E402
+
+from bench.common import run_database  # noqa: E402
 import orjson  # noqa: E402
 from aiohttp import web  # noqa: E402
 
 from appkeys import CALLS, METRICS  # noqa: E402
 from config import Settings  # noqa: E402
-from db.embedded import EmbeddedPostgres  # noqa: E402
 from server import create_app  # noqa: E402
 from tools.fake_realtime import FakeRealtime, FakeSession  # noqa: E402
 from tools.fake_twilio_api import FakeTwilioApi  # noqa: E402
@@ -356,41 +353,6 @@ async def callers_role(args: argparse.Namespace) -> None:
 
 
 # --- the database -----------------------------------------------------------------------------
-
-
-def with_database(dsn: str, name: str) -> str:
-    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
-
-
-@contextlib.asynccontextmanager
-async def database() -> AsyncIterator[tuple[str, str]]:
-    """A database for this run (the app migrates it): yields (dsn, where it runs)."""
-    external = os.environ.get("DATABASE_URL")
-    if external:
-        name = f"bench_{uuid.uuid4().hex[:12]}"
-        admin_dsn = with_database(external, "postgres")
-        admin = await asyncpg.connect(admin_dsn)
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await admin.close()
-        try:
-            parts = urlsplit(external)
-            yield with_database(external, name), f"DATABASE_URL server {parts.hostname}:{parts.port or 5432}"
-        finally:
-            admin = await asyncpg.connect(admin_dsn)
-            try:
-                await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            finally:
-                await admin.close()
-        return
-    with tempfile.TemporaryDirectory(prefix="callgate-relay-bench-") as folder:
-        embedded = EmbeddedPostgres(Path(folder) / "data")
-        dsn = await asyncio.to_thread(embedded.start)
-        try:
-            yield dsn, "embedded PostgreSQL (temporary)"
-        finally:
-            await asyncio.to_thread(embedded.stop)
 
 
 # --- CPU --------------------------------------------------------------------------------------
@@ -791,7 +753,7 @@ async def main(args: argparse.Namespace) -> int:
         return 0
     rounds: list[Round] = []
     progress("starting PostgreSQL ...")
-    async with database() as (dsn, where):
+    async with run_database(migrated=False) as (dsn, where):
         first_number = 1000  # distinct From numbers across rounds: +1415555NNNN
         for n in args.calls:
             run = run_round_inline if args.inline else run_round_processes

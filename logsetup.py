@@ -33,3 +33,6 @@ def configure(log_format: str = "text", level: str = "info") -> None:
     root.setLevel(level.upper())
     # aiohttp's access log would add a line per webhook and health probe; ours are enough.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # twilio-python logs each REST request at INFO, parameters included: a placed call's To
+    # and From are phone numbers, which never go to our logs.
+    logging.getLogger("twilio").setLevel(logging.WARNING)

@@ -25,7 +25,7 @@ from bridge import events, tokens
 from config import normalise_origin
 from db.calls import CallStoreUnavailable
 from limiter.errors import InvalidNumber
-from limiter.rules import Decision
+from limiter.rules import Decision, Rules
 from twilio_rest import CallOutcomeUnknown, CallRefused
 
 log = logging.getLogger("callgate.frontend")
@@ -35,7 +35,7 @@ CLIENT_QUEUE = 256         # messages waiting for one client before it counts as
 SEND_TIMEOUT_S = 5.0       # one message taking longer than this to go out: the client is stuck
 HEARTBEAT_S = 30.0
 CHECKS_PER_S, CHECK_BURST = 10.0, 20   # rate_limit_check: each one is a database read
-CALL_STARTS_PER_IP = 10    # call.start per client address per hour, on this instance
+CALL_STARTS_PER_IP = 10    # call.start per client address per hour
 CALL_START_WINDOW_S = 3600.0
 
 
@@ -225,13 +225,25 @@ class Client:
         if self.app[LIFECYCLE].draining:
             self.send(_error("unavailable", "this server is restarting; try again in a moment"))
             return
-        if not self.app[FRONTEND].take_call_start(self.ip, CALL_STARTS_PER_IP, CALL_START_WINDOW_S):
+        self.placing = True
+        if not await self._within_call_budget():
+            self.placing = False
             self.send(_error("too_many_calls", "too many calls placed from your address; try again later"))
             return
         # Placing a call waits for Twilio: do it beside the reader, so this client's other
         # requests (a rate-limit check, call.end) are still answered meanwhile.
-        self.placing = True
         self.background(self._place_call(message), "call.start")
+
+    async def _within_call_budget(self) -> bool:
+        """At most CALL_STARTS_PER_IP call.starts per hour from one client address, counted
+        exactly across instances by the limiter (keyed by a hash of the address); while
+        PostgreSQL is away, each instance counts for itself."""
+        rules = Rules(CALL_STARTS_PER_IP, int(CALL_START_WINDOW_S * 1000))
+        charge = "CS" + secrets.token_hex(16)
+        decision = await self.app[LIMITER].hit_budget(f"client-address:{self.ip}", charge, rules)
+        if decision is None:
+            return self.app[FRONTEND].take_call_start(self.ip, CALL_STARTS_PER_IP, CALL_START_WINDOW_S)
+        return decision.allowed
 
     async def _place_call(self, message: dict[str, Any]) -> None:
         try:

@@ -245,6 +245,20 @@ class Limiter:
 
         await self._run(move, deadline)
 
+    async def hit_budget(self, name: str, charge_id: str, rules: Rules) -> Decision | None:
+        """Charge a budget other than a phone number's (say, a client address's call.starts):
+        the same exact sliding log, keyed by the HMAC of ``name``, shared by every instance.
+        None while PostgreSQL is away: no fail mode here, the caller keeps its own count."""
+        self._check_charge_id(charge_id)
+        try:
+            row = await self._fetchrow(
+                self._q.limiter_hit, self._keyer.key(name), charge_id, rules.max_calls, rules.window_ms,
+                rules.cooldown_ms, self._clock(), None, False, "budget",
+            )
+        except LimiterUnavailable:
+            return None
+        return summarize(row["times"], row["now_ms"], rules, admitted=row["admitted"])
+
     def _hit_while_away(self, key: bytes, region: str, charge_id: str, *, unknown: bool) -> Decision:
         # A statement that was sent may have committed (a "ghost write"): it stays counted and
         # is never retried blindly. Charges decided here are written back by charge id, which

@@ -57,3 +57,25 @@ def test_big_batches_are_split_under_the_notify_limit():
     payloads = fanout._payloads([_clip(e) for e in batch])
     assert len(payloads) >= 2 and all(len(p) <= MAX_PAYLOAD for p in payloads)
     assert sum(len(json.loads(p)["e"]) for p in payloads) == 5
+
+
+async def test_the_call_start_budget_per_address_holds_across_instances(dsn):
+    """One client address gets CALL_STARTS_PER_IP call.starts an hour in all, whichever
+    instances its sockets land on."""
+    from handlers.frontend import CALL_STARTS_PER_IP
+
+    env = {"TWILIO_PHONE_NUMBER_US": "+14155550000", "ALLOWED_ORIGINS": "https://callgate.test",
+           "RATE_LIMIT_PHONE_MAX_CALLS": "100"}
+    headers = {"Origin": "https://callgate.test", "Fly-Client-IP": "198.51.100.23"}
+    async with callgate(dsn, **env) as a, callgate(dsn, **env) as b, aiohttp.ClientSession() as http:
+        sockets = [await http.ws_connect(h.url + "/logs", headers=headers) for h in (a, b)]
+        codes = []
+        for i in range(CALL_STARTS_PER_IP + 1):
+            ws = sockets[i % 2]
+            await ws.send_str(json.dumps({"type": "call.start", "phoneNumber": f"+1415555{3000 + i}",
+                                          "scenarioId": "customer-service"}))
+            reply = json.loads((await ws.receive(timeout=10)).data)
+            codes.append(reply.get("code", reply["type"]))
+        for ws in sockets:
+            await ws.close()
+    assert codes == ["call.status_changed"] * CALL_STARTS_PER_IP + ["too_many_calls"]

@@ -225,16 +225,12 @@ class Client:
         if self.app[LIFECYCLE].draining:
             self.send(_error("unavailable", "this server is restarting; try again in a moment"))
             return
-        self.placing = True
-        if not await self._within_call_budget():
-            self.placing = False
-            self.send(_error("too_many_calls", "too many calls placed from your address; try again later"))
-            return
         # Placing a call waits for Twilio: do it beside the reader, so this client's other
         # requests (a rate-limit check, call.end) are still answered meanwhile.
+        self.placing = True
         self.background(self._place_call(message), "call.start")
 
-    async def _within_call_budget(self) -> bool:
+    async def within_call_budget(self) -> bool:
         """At most CALL_STARTS_PER_IP call.starts per hour from one client address, counted
         exactly across instances by the limiter (keyed by a hash of the address); while
         PostgreSQL is away, each instance counts for itself."""
@@ -348,6 +344,9 @@ class OutboundCall:
                      "IN": settings.twilio_number_in}.get(phone.region) or settings.twilio_number_us
         if not app[TWILIO_REST].enabled or not caller_id:
             return self.fail("telephony_unavailable", "this server is not set up to place calls")
+        # Counted only for requests that would place a call: a typo costs nothing.
+        if not await self.client.within_call_budget():
+            return self.fail("too_many_calls", "too many calls placed from your address; try again later")
 
         reservation = "RS" + secrets.token_hex(16)
         try:

@@ -203,7 +203,8 @@ def call_services(settings: Settings, app: web.Application, connector: ModelConn
         try:
             moved = await store.set_status(call_sid, status, STATUS_RANK[status], reason)
             if reason and not moved:
-                await store.set_end_reason(call_sid, reason)  # Twilio's "completed" came first
+                # Twilio's "completed" came first: say why, once.
+                return await store.set_end_reason(call_sid, reason)
             return moved
         except CallStoreUnavailable:
             log.warning("call %s: status %s not recorded (database unavailable)", call_sid, status)

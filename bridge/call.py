@@ -57,8 +57,9 @@ class CallServices:
     connector: ModelConnector
     bus: events.EventBus
     hangup: Callable[[str], Awaitable[None]]      # REST hang-up; "already ended" is success
-    # (call_sid, status, reason) into the calls table; True when the call's status moved forward
-    # (statuses never go back, so a late or duplicate one is not announced twice).
+    # (call_sid, status, reason) into the calls table; True when there is news to announce: the
+    # status moved forward, or a final status already recorded (by Twilio's callback) just got
+    # its reason. Statuses never go back, so a late or duplicate one is not announced.
     record_status: Callable[[str, str, str | None], Awaitable[bool]]
     session_duration_s: float = 300.0
     wrap_up_s: float = 20.0
@@ -94,10 +95,12 @@ class Call:
         self._end_after_goodbye: str | None = None
         self._goodbye_pending = False          # end_call ran: the next response is the goodbye
         self._goodbye_response: str | None = None
+        self._respond_after_done = False       # a tool's output was sent: ask for the answer
         self._aux_tasks: set[asyncio.Task] = set()
         # When we began waiting for the model to start a response (None: not waiting).
         self._awaiting_response: float | None = None
         self._last_frame = time.monotonic()  # from Twilio
+        self._in_model_send = False  # caller audio waiting on the model's socket
         self.end_reason: str | None = None
         self._finished = False
         self.started = time.monotonic()
@@ -222,7 +225,9 @@ class Call:
                 if not realtime.is_base64(event.payload):
                     continue
                 if self._ready:
+                    self._in_model_send = True
                     await self._model.send(realtime.append_audio(event.payload))
+                    self._in_model_send = False
                     observe("caller_to_model", time.perf_counter() - started)
                 else:
                     self._pre_ready.append(event.payload)  # relayed (and counted) once ready
@@ -296,6 +301,11 @@ class Call:
                 self._goodbye_response = str((event.get("response") or {}).get("id", ""))
         elif kind == "response.done":
             self._awaiting_response = None
+            if self._respond_after_done:
+                self._respond_after_done = False
+                if self._end_after_goodbye is not None and self._goodbye_response is None:
+                    self._goodbye_pending = True  # the answer to end_call's output is the goodbye
+                await self._request_response()
             done_id = str((event.get("response") or {}).get("id", ""))
             if self._goodbye_response is not None and done_id == self._goodbye_response:
                 self._goodbye_response = None
@@ -347,9 +357,9 @@ class Call:
         arguments = item.get("arguments") if isinstance(item.get("arguments"), str) else "{}"
         output = await functions.run(name, arguments, _ToolContext(self))
         await self._model.send(realtime.encode(realtime.function_output(call_id, output)))
-        if self._end_after_goodbye is not None and self._goodbye_response is None:
-            self._goodbye_pending = True
-        await self._request_response()
+        # The answer to the output is asked for once the response that made the call is done:
+        # asked now, while it is still active, the model may refuse it.
+        self._respond_after_done = True
         self._bus.publish(events.function_call(self.call_sid, name, arguments, output))
 
     async def _request_response(self, instructions: str | None = None) -> None:
@@ -392,8 +402,13 @@ class Call:
             await asyncio.sleep(min(limit / 4, CALLER_IDLE_TIMEOUT_S / 4, 1.0))
             now = time.monotonic()
             if now - self._last_frame > CALLER_IDLE_TIMEOUT_S:
-                log.warning("call %s: no frame from Twilio for %.0f s", self.call_sid, CALLER_IDLE_TIMEOUT_S)
-                self._set_reason("stream_closed")
+                if self._in_model_send:  # not Twilio's silence: the model stopped taking audio
+                    log.warning("call %s: the model has not taken audio for %.0f s", self.call_sid,
+                                CALLER_IDLE_TIMEOUT_S)
+                    self._set_reason("model_failed")
+                else:
+                    log.warning("call %s: no frame from Twilio for %.0f s", self.call_sid, CALLER_IDLE_TIMEOUT_S)
+                    self._set_reason("stream_closed")
                 return
             since = self._awaiting_response
             if since is not None and now - since > limit:
@@ -415,11 +430,13 @@ class Call:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(CLOSE_TIMEOUT_S):
                     await self._model.close()
+        # Announced before Twilio's socket closes: closing it ends the call at Twilio, whose
+        # "completed" callback would otherwise often be recorded first, without our reason.
+        await self._announce("ended", reason)
         if not self.twilio_ws.closed:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(CLOSE_TIMEOUT_S):
                     await self.twilio_ws.close()
-        await self._announce("ended", reason)
         # Also after a caller hang-up: cheap, and "already ended" counts as success.
         with contextlib.suppress(Exception):
             await self._services.hangup(self.call_sid)

@@ -24,18 +24,25 @@ from db.errors import AWAY
 log = logging.getLogger("callgate.fanout")
 
 CHANNEL = "callgate_events"
-MAX_PAYLOAD = 7900        # PostgreSQL refuses NOTIFY payloads of 8000 bytes or more
-MAX_TEXT = 2000           # a transcript longer than this is cut in what other instances see
+MAX_PAYLOAD = 7900        # bytes; PostgreSQL refuses NOTIFY payloads of 8000 bytes or more
+MAX_TEXT_BYTES = 1500     # a longer text field is cut in what other instances see
 QUEUE = 2048              # events waiting to be sent; past it they are dropped
 SEND_TIMEOUT_S = 2.0
 RECONNECT_MAX_S = 10.0
+PROBE_EVERY_S = 20.0      # a listening connection that died without a reset is found this soon
+
+
+def _cut(text: str) -> str:
+    """``text`` cut to MAX_TEXT_BYTES of UTF-8 (not characters: Devanagari is 3 bytes each)."""
+    data = text.encode()
+    if len(data) <= MAX_TEXT_BYTES:
+        return text
+    return data[:MAX_TEXT_BYTES].decode(errors="ignore") + "…"
 
 
 def _clip(event: Event) -> Event:
-    text = event.get("text")
-    if isinstance(text, str) and len(text) > MAX_TEXT:
-        return {**event, "text": text[:MAX_TEXT] + "…"}
-    return event
+    long = {k: _cut(v) for k, v in event.items() if k in ("text", "delta", "arguments", "output") and isinstance(v, str)}
+    return {**event, **long} if long else event
 
 
 class PgFanout:
@@ -58,8 +65,17 @@ class PgFanout:
                 log.warning("fan-out behind: %d event(s) not sent to other instances", self._dropped)
 
     async def run(self) -> None:
-        """Until cancelled: send what is published here, republish what others send."""
-        await asyncio.gather(self._send_loop(), self._listen_loop())
+        """Until cancelled: send what is published here, republish what others send. A loop
+        that fails unexpectedly is logged and started again: fan-out must not stop silently."""
+        await asyncio.gather(self._forever(self._send_loop), self._forever(self._listen_loop))
+
+    async def _forever(self, loop) -> None:
+        while True:
+            try:
+                await loop()
+            except Exception:  # noqa: BLE001 - logged, then the loop starts over
+                log.exception("fan-out %s failed; restarting it", loop.__name__)
+                await asyncio.sleep(1.0)
 
     # --- out --------------------------------------------------------------------------------
 
@@ -75,23 +91,26 @@ class PgFanout:
                 except AWAY:
                     self._dropped += 1
                     log.debug("fan-out: PostgreSQL away, a batch was not sent")
+                except asyncpg.PostgresError as exc:
+                    self._dropped += 1
+                    log.warning("fan-out: a batch was refused (%s)", type(exc).__name__)
 
     def _payloads(self, batch: list[Event]) -> list[str]:
-        """Pack events into as few NOTIFY payloads as fit."""
+        """Pack events into as few NOTIFY payloads as fit (measured in bytes, as PostgreSQL
+        does); an event too big on its own is dropped."""
         payloads, current = [], []
         for event in batch:
-            attempt = self._encode(current + [event])
-            if len(attempt) > MAX_PAYLOAD and current:
+            if len(self._encode(current + [event])) > MAX_PAYLOAD and current:
                 payloads.append(self._encode(current))
                 current = [event]
             else:
                 current.append(event)
         if current:
             payloads.append(self._encode(current))
-        return [p for p in payloads if len(p) <= MAX_PAYLOAD]
+        return [p.decode() for p in payloads if len(p) <= MAX_PAYLOAD]
 
-    def _encode(self, events: list[Event]) -> str:
-        return orjson.dumps({"o": self.instance, "e": events}).decode()
+    def _encode(self, events: list[Event]) -> bytes:
+        return orjson.dumps({"o": self.instance, "e": events})
 
     # --- in ---------------------------------------------------------------------------------
 
@@ -106,7 +125,13 @@ class PgFanout:
                 await conn.add_listener(CHANNEL, self._on_notify)
                 self.listening.set()
                 delay = 0.5
-                await closed.wait()
+                while not closed.is_set():
+                    # A connection that died without a reset (a partition, a failover) would
+                    # wait here forever, deaf: probe it.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(closed.wait(), PROBE_EVERY_S)
+                    if not closed.is_set():
+                        await conn.fetchval("SELECT 1", timeout=5)
             except AWAY as exc:
                 log.debug("fan-out listener: %s", type(exc).__name__)
             finally:

@@ -74,8 +74,9 @@ class CallStore:
         """Move a call forward to ``status``; False when it was already there or further on."""
         return await self._fetchrow(self._q.calls_status, call_sid, status, rank, reason, charge_id) is not None
 
-    async def set_end_reason(self, call_sid: str, reason: str) -> None:
-        await self._fetchrow(self._q.calls_end_reason, call_sid, reason)
+    async def set_end_reason(self, call_sid: str, reason: str) -> bool:
+        """Fill in why a call ended if nothing said so yet; True when it was filled in."""
+        return await self._fetchrow(self._q.calls_end_reason, call_sid, reason) is not None
 
     async def cleanup(self, retention_days: int = CALL_RETENTION_DAYS, batch: int = 1000) -> int:
         """Delete spent tokens, stale call requests and old call records; returns how many."""

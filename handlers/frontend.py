@@ -109,7 +109,7 @@ class Client:
         self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(CLIENT_QUEUE)
         self.followed: dict[str, events.Subscription] = {}  # callSid (or "*") → subscription
         self.tokens: dict[str, str] = {}                     # calls this client may end
-        self.placing = False  # a call.start is waiting for its answer
+        self.placing: OutboundCall | None = None  # the call.start waiting for its answer, if any
         self.gone = False
         self._checks = float(CHECK_BURST)
         self._checks_at = time.monotonic()
@@ -227,28 +227,35 @@ class Client:
             return
         # Placing a call waits for Twilio: do it beside the reader, so this client's other
         # requests (a rate-limit check, call.end) are still answered meanwhile.
-        self.placing = True
-        self.background(self._place_call(message), "call.start")
+        outbound = OutboundCall(self, message)
+        self.placing = outbound
+        self.background(self._place_call(outbound), "call.start")
 
-    async def within_call_budget(self) -> bool:
+    def done_placing(self, outbound: OutboundCall) -> None:
+        """``outbound`` has answered; clears the busy mark only if it is still its own."""
+        if self.placing is outbound:
+            self.placing = None
+
+    async def charge_call_budget(self) -> tuple[bool, str | None]:
         """At most CALL_STARTS_PER_IP call.starts per hour from one client address, counted
         exactly across instances by the limiter (keyed by a hash of the address); while
-        PostgreSQL is away, each instance counts for itself."""
+        PostgreSQL is away, each instance counts for itself. Returns (allowed, the charge id
+        to refund if no call is placed after all)."""
         rules = Rules(CALL_STARTS_PER_IP, int(CALL_START_WINDOW_S * 1000))
         charge = "CS" + secrets.token_hex(16)
         decision = await self.app[LIMITER].hit_budget(f"client-address:{self.ip}", charge, rules)
         if decision is None:
-            return self.app[FRONTEND].take_call_start(self.ip, CALL_STARTS_PER_IP, CALL_START_WINDOW_S)
-        return decision.allowed
+            return self.app[FRONTEND].take_call_start(self.ip, CALL_STARTS_PER_IP, CALL_START_WINDOW_S), None
+        return decision.allowed, charge if decision.allowed else None
 
-    async def _place_call(self, message: dict[str, Any]) -> None:
+    async def _place_call(self, outbound: OutboundCall) -> None:
         try:
-            await OutboundCall(self, message).place()
+            await outbound.place()
         except Exception:  # noqa: BLE001 - a bug must not pass silently
             log.exception("call.start failed")
             self.send(_error("internal", "the call could not be placed"))
         finally:
-            self.placing = False
+            self.done_placing(outbound)
 
     async def _call_subscribe(self, message: dict[str, Any]) -> None:
         if message.get("all") is True:
@@ -284,7 +291,12 @@ class Client:
         key = call_sid or "*"
         if self.gone or key in self.followed:
             return
-        self.followed[key] = self.app[BUS].subscribe(call_sid, with_status=with_status, sink=self._deliver)
+        bus = self.app[BUS]
+        self.followed[key] = bus.subscribe(call_sid, with_status=False, sink=self._deliver)
+        # The current status after the subscription is stored, so a final one closes it.
+        current = bus.current_status(call_sid) if call_sid is not None and with_status else None
+        if current is not None:
+            self._deliver(current)
 
     def _deliver(self, event: events.Event) -> None:
         self.send(event)
@@ -317,10 +329,15 @@ class OutboundCall:
         self.app = client.app
         self.message = message
         self.number_as_sent = message.get("phoneNumber")
+        self.budget_charge: str | None = None
 
     def fail(self, code: str, text: str) -> None:
         self.client.send(_error(code, text))
-        self.client.placing = False
+        self.client.done_placing(self)
+
+    async def release_budget(self) -> None:
+        if self.budget_charge is not None:
+            await self.app[LIMITER].refund(self.budget_charge)
 
     async def place(self) -> None:
         app, settings, msg = self.app, self.app[SETTINGS], self.message
@@ -345,7 +362,8 @@ class OutboundCall:
         if not app[TWILIO_REST].enabled or not caller_id:
             return self.fail("telephony_unavailable", "this server is not set up to place calls")
         # Counted only for requests that would place a call: a typo costs nothing.
-        if not await self.client.within_call_budget():
+        allowed, self.budget_charge = await self.client.charge_call_budget()
+        if not allowed:
             return self.fail("too_many_calls", "too many calls placed from your address; try again later")
 
         reservation = "RS" + secrets.token_hex(16)
@@ -355,10 +373,11 @@ class OutboundCall:
             return self.fail("unavailable", "calls cannot be placed right now; try again shortly")
         decision = await app[LIMITER].hit(phone, reservation)
         if not decision.allowed:
+            await self.release_budget()
             self.client.send({"type": "rate_limit_exceeded", "phoneNumber": self.number_as_sent,
                               "reason": decision.reason, "resetTime": decision.reset_time,
                               "message": decision.message})
-            self.client.placing = False
+            self.client.done_placing(self)
             return None
 
         public = settings.public_url
@@ -369,7 +388,8 @@ class OutboundCall:
                 status_callback=f"{public}/twilio/status?charge={reservation}",
             )
         except CallRefused as exc:
-            await app[LIMITER].refund(reservation)  # nothing was placed: the slot comes back
+            await app[LIMITER].refund(reservation)  # nothing was placed: the slots come back
+            await self.release_budget()
             log.info("call.start to %s refused by Twilio: %s %s", phone.masked, exc.status, exc.code)
             return self.fail("call_refused", f"Twilio refused the call: {exc.message}")
         except CallOutcomeUnknown as exc:
@@ -384,7 +404,7 @@ class OutboundCall:
         queued = events.status_changed(call_sid, "queued")
         app[BUS].publish(queued)
         self.client.send({**queued, "token": token})
-        self.client.placing = False  # answered: the next call.start may go
+        self.client.done_placing(self)  # answered: the next call.start may go
         self.client.tokens[call_sid] = token
         self.client.follow(call_sid, with_status=False)
         with contextlib.suppress(CallStoreUnavailable):

@@ -33,6 +33,9 @@ CLEANUP_BATCH = 1000
 # Charge ids stay idempotent this long after their window (a webhook replayed the next day
 # still charges nothing).
 CHARGE_RETENTION_MS = 24 * 3600 * 1000
+# Budgets other than a number's (hit_budget) keep their rows this long: longer than any of
+# their windows (the call.start budget's is an hour).
+BUDGET_RETENTION_MS = 24 * 3600 * 1000
 CHARGE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
@@ -248,7 +251,10 @@ class Limiter:
     async def hit_budget(self, name: str, charge_id: str, rules: Rules) -> Decision | None:
         """Charge a budget other than a phone number's (say, a client address's call.starts):
         the same exact sliding log, keyed by the HMAC of ``name``, shared by every instance.
-        None while PostgreSQL is away: no fail mode here, the caller keeps its own count."""
+        None while PostgreSQL is away: no fail mode here, the caller keeps its own count.
+        ``rules.window_ms`` may not exceed BUDGET_RETENTION_MS (cleanup keeps rows that long)."""
+        if rules.window_ms > BUDGET_RETENTION_MS:
+            raise ValueError("a budget's window may not exceed BUDGET_RETENTION_MS")
         self._check_charge_id(charge_id)
         try:
             row = await self._fetchrow(
@@ -386,7 +392,8 @@ class Limiter:
         total_rows = total_charges = 0
         while True:
             row = await self._fetchrow(self._q.limiter_cleanup, self.rules.window_ms,
-                                       self.rules.window_ms + CHARGE_RETENTION_MS, batch, self._clock())
+                                       self.rules.window_ms + CHARGE_RETENTION_MS, batch, self._clock(),
+                                       BUDGET_RETENTION_MS)
             total_rows += row["rows"]
             total_charges += row["charges"]
             if row["rows"] < batch and row["charges"] < batch:

@@ -8,7 +8,7 @@ import json
 
 import aiohttp
 
-from appkeys import FANOUT, TOKEN_SECRET
+from appkeys import BUS, FANOUT, TOKEN_SECRET
 from bridge import events, tokens
 from bridge.fanout import MAX_PAYLOAD, PgFanout, _clip
 from bridge.events import EventBus
@@ -53,10 +53,12 @@ async def test_a_browser_follows_a_call_on_another_instance(dsn):
 def test_big_batches_are_split_under_the_notify_limit():
     """Events are packed into NOTIFY payloads under PostgreSQL's limit; long texts are cut."""
     fanout = PgFanout("postgresql://unused", None, EventBus())
-    batch = [events.transcript_done("CA1", f"item_{i}", "assistant", "x" * 5000) for i in range(5)]
+    hindi = "नमस्ते, आपका कॉल कैसा रहा? " * 200  # 3 bytes a character in UTF-8
+    batch = [events.transcript_done("CA1", f"item_{i}", "assistant", hindi if i % 2 else "x" * 5000)
+             for i in range(6)]
     payloads = fanout._payloads([_clip(e) for e in batch])
-    assert len(payloads) >= 2 and all(len(p) <= MAX_PAYLOAD for p in payloads)
-    assert sum(len(json.loads(p)["e"]) for p in payloads) == 5
+    assert len(payloads) >= 2 and all(len(p.encode()) <= MAX_PAYLOAD for p in payloads)
+    assert sum(len(json.loads(p)["e"]) for p in payloads) == 6
 
 
 async def test_the_call_start_budget_per_address_holds_across_instances(dsn):
@@ -79,3 +81,18 @@ async def test_the_call_start_budget_per_address_holds_across_instances(dsn):
         for ws in sockets:
             await ws.close()
     assert codes == ["call.status_changed"] * CALL_STARTS_PER_IP + ["too_many_calls"]
+
+
+async def test_non_latin_transcripts_cross_instances_and_fanout_keeps_going(dsn):
+    """Long Hindi transcripts (3 bytes a character) reach the other instance, cut to fit, and
+    events after them still do."""
+    async with callgate(dsn) as a, callgate(dsn) as b:
+        await wait_listening(a)
+        await wait_listening(b)
+        with b.app[BUS].subscribe("CA1") as sub:
+            for i in range(3):
+                a.app[BUS].publish(events.transcript_done("CA1", f"item_{i}", "user", "नमस्ते दुनिया " * 400))
+            a.app[BUS].publish(events.status_changed("CA1", "ended"))
+            got = [await asyncio.wait_for(sub.get(), 10) for _ in range(4)]
+    assert [e["type"] for e in got] == ["transcript.done"] * 3 + ["call.status_changed"]
+    assert got[0]["text"].startswith("नमस्ते") and got[0]["text"].endswith("…")

@@ -446,3 +446,18 @@ async def test_caller_id_follows_the_region(dsn, session):
         await place(client, number="+91 98765 43210")
         froms = [r.value("From") for r in h.twilio_api.requests if r.path.endswith("/Calls.json")]
     assert froms == ["+61291234567", CALLER_ID]
+
+
+async def test_attempts_that_place_nothing_cost_no_budget(dsn, session):
+    """Retrying a number at its limit, or one Twilio refuses, uses none of the address's
+    call.start budget."""
+    from handlers.frontend import CALL_STARTS_PER_IP
+
+    async with callgate(dsn, RATE_LIMIT_PHONE_MAX_CALLS="1", **TWILIO_ENV) as h:
+        await h.app[LIMITER].hit("+14155550123", "CA-earlier")
+        client = await open_frontend(session, h)
+        for _ in range(CALL_STARTS_PER_IP):
+            assert (await place(client))[0]["type"] == "rate_limit_exceeded"
+        h.twilio_api.fail_next(400, {"code": 21211, "message": "Invalid 'To' Phone Number", "status": 400})
+        assert (await place(client, number="+14155550124"))[0]["code"] == "call_refused"
+        assert (await place(client, number="+14155550125"))[0]["status"] == "queued"

@@ -280,3 +280,18 @@ async def _until_blocked(pool) -> None:
     """Wait until some session waits on a lock (the move queued behind the open transaction)."""
     while not await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"):
         await asyncio.sleep(0.01)
+
+
+async def test_cleanup_keeps_other_budgets_for_their_own_window(pool, clock):
+    """A budget with a longer window than the numbers' (a client address's call.starts) is not
+    reset by the cleanup that clears numbers' rows."""
+    from limiter.rules import Rules
+
+    limiter = make_limiter(pool, max_calls=2, window_ms=60_000, clock=clock)
+    budget = Rules(1, HOUR)
+    assert (await limiter.hit_budget("client-address:203.0.113.5", "CS1", budget)).allowed
+    await limiter.hit(NUMBER, "CA1")
+    clock.advance(2 * 60_000)
+    rows, _ = await limiter.cleanup()
+    assert rows == 1  # the number's row only
+    assert not (await limiter.hit_budget("client-address:203.0.113.5", "CS2", budget)).allowed

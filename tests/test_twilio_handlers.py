@@ -212,3 +212,35 @@ async def test_the_global_cap_on_live_calls(dsn):
                 await asyncio.sleep(0.02)
         again = h.call(audio=b"", from_="+14155550103")
         assert (await again.webhook()).stream_url
+
+
+async def test_subscribers_learn_why_a_call_ended_even_after_twilios_callback(dsn):
+    """Twilio's "completed" callback lands before the bridge finishes the call: subscribers
+    still get the end with its reason."""
+    async with FakeRealtime() as model, callgate(dsn, model=model) as h:
+        call = h.call(audio=b"")
+        await call.webhook()
+        with h.bus.subscribe(call.call_sid) as sub:
+            await call.connect()
+            await model.wait_for_session()
+            form = dict(FORM, CallSid=call.call_sid, CallStatus="completed")
+            assert (await post(h, "/twilio/status", form, sign(PUBLIC_URL + "/twilio/status", form))).status == 204
+            await call.stop()
+            seen = []
+            async with asyncio.timeout(10):
+                while not any(e.get("reason") for e in seen if e.get("status") == "ended"):
+                    seen.append(await sub.get())
+    ended = [e for e in seen if e.get("status") == "ended"]
+    assert ended[-1]["reason"] == "caller_hangup"
+    record = await _record(dsn, call.call_sid)
+    assert (record["status"], record["end_reason"]) == ("ended", "caller_hangup")
+
+
+async def _record(dsn, call_sid):
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        return dict(await conn.fetchrow("SELECT status, end_reason FROM calls WHERE call_sid = $1", call_sid))
+    finally:
+        await conn.close()

@@ -12,7 +12,6 @@ from typing import Any
 
 # The Realtime API's voices (GA).
 VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
-MAX_CONFIG_BYTES = 4096  # the config travels in TwiML <Parameter>s
 
 
 class ScenarioError(ValueError):

@@ -61,10 +61,12 @@ import contextlib
 import hashlib
 import logging
 import signal
+import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -73,6 +75,10 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+
+# Run as a script, this folder (tools/) is on sys.path, the repository root is not.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bridge import mulaw  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -99,14 +105,7 @@ ReplyAudio = bytes | Callable[[int, int], bytes] | None
 # ---------------------------------------------------------------- pure helpers
 
 
-def _ulaw_to_linear(code: int) -> int:
-    """G.711 μ-law byte → 16-bit linear sample (the inverse of the encoder's bias and bit flip)."""
-    code = ~code & 0xFF
-    magnitude = (((code & 0x0F) << 3) + 0x84) << ((code >> 4) & 0x07)
-    return 0x84 - magnitude if code & 0x80 else magnitude - 0x84
-
-
-_ULAW_SQUARED = tuple(_ulaw_to_linear(code) ** 2 for code in range(256))
+_ULAW_SQUARED = tuple(mulaw.decode(code) ** 2 for code in range(256))
 
 
 def is_speech(chunk: bytes) -> bool:

@@ -47,18 +47,21 @@ import aiohttp
 import websockets
 from twilio.request_validator import RequestValidator
 
+# Run as a script, this folder (tools/) is on sys.path, the repository root is not.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bridge import mulaw  # noqa: E402
+from bridge.mulaw import decode as mulaw_to_linear  # noqa: E402, F401 - part of this module's API
+from bridge.mulaw import encode as linear_to_mulaw  # noqa: E402
+
 SAMPLE_RATE = 8000
 BYTES_PER_MS = SAMPLE_RATE // 1000  # μ-law: one byte per sample
 FRAME_MS = 20
 FRAME_BYTES = FRAME_MS * BYTES_PER_MS  # 160: the size of every media frame Twilio sends
-MULAW_SILENCE = 0xFF  # μ-law encoding of linear 0
+MULAW_SILENCE = mulaw.SILENCE
 MAX_BUFFERED_BYTES = 10 * 60 * SAMPLE_RATE  # Twilio discards beyond 10 minutes (31931)
 DTMF_DIGITS = frozenset("0123456789*#")
 DEFAULT_AUDIO = Path(__file__).resolve().parent / "audio" / "hello.ulaw"
 
-_MULAW_BIAS = 0x84  # G.711's bias on 16-bit magnitudes
-_MULAW_BIAS_14 = _MULAW_BIAS >> 2  # the reference encoder's bias and clip, on 14 bits
-_MULAW_CLIP_14 = 8159
 
 
 # -- audio -----------------------------------------------------------------------------
@@ -67,30 +70,6 @@ _MULAW_CLIP_14 = 8159
 def load_audio(path: str | Path) -> bytes:
     """Raw μ-law 8 kHz mono audio from a file (no header)."""
     return Path(path).read_bytes()
-
-
-def linear_to_mulaw(sample: int) -> int:
-    """G.711 μ-law encoding of one signed 16-bit sample (bit-exact with audioop.lin2ulaw)."""
-    # Sun's reference encoder works on 14 bits; the floor shift makes negatives round
-    # away from zero, which is why encoders that take abs() first differ by one step.
-    pcm = sample >> 2
-    mask = 0xFF
-    if pcm < 0:
-        pcm, mask = -pcm, 0x7F
-    pcm = min(pcm, _MULAW_CLIP_14) + _MULAW_BIAS_14
-    segment = max(0, pcm.bit_length() - 6)  # 0..7; 8 only past the clip
-    if segment > 7:
-        return 0x7F ^ mask
-    return ((segment << 4) | ((pcm >> (segment + 1)) & 0x0F)) ^ mask
-
-
-def mulaw_to_linear(byte: int) -> int:
-    """G.711 μ-law decoding of one byte to a signed 16-bit sample."""
-    byte = ~byte & 0xFF
-    exponent = (byte >> 4) & 0x07
-    magnitude = (((byte & 0x0F) << 3) + _MULAW_BIAS) << exponent
-    magnitude -= _MULAW_BIAS
-    return -magnitude if byte & 0x80 else magnitude
 
 
 def tone(ms: int, freq: float = 440, amplitude: float = 0.5) -> bytes:

@@ -19,6 +19,7 @@ import asyncpg
 import orjson
 
 from bridge.events import Event, EventBus
+from db.bounded import DatabaseAway, run_bounded
 from db.errors import AWAY
 
 log = logging.getLogger("callgate.fanout")
@@ -86,9 +87,9 @@ class PgFanout:
                 batch.append(self._outbox.get_nowait())
             for payload in self._payloads(batch):
                 try:
-                    async with asyncio.timeout(SEND_TIMEOUT_S):
-                        await self._pool.execute("SELECT pg_notify($1, $2)", CHANNEL, payload)
-                except AWAY:
+                    await run_bounded(self._pool, lambda conn, p=payload: conn.execute(
+                        "SELECT pg_notify($1, $2)", CHANNEL, p), SEND_TIMEOUT_S)
+                except DatabaseAway:
                     self._dropped += 1
                     log.debug("fan-out: PostgreSQL away, a batch was not sent")
                 except asyncpg.PostgresError as exc:

@@ -6,12 +6,11 @@ that goes away never takes a live call down with it (anything else is a bug and 
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import asyncpg
 
-from db.errors import AWAY
+from db.bounded import DatabaseAway, run_bounded
 from db.sql import Queries
 
 
@@ -38,11 +37,9 @@ class CallStore:
 
     async def _with_connection(self, work) -> Any:
         try:
-            async with asyncio.timeout(self._timeout):
-                async with self._pool.acquire() as conn:
-                    return await work(conn)
-        except AWAY as exc:
-            raise CallStoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            return await run_bounded(self._pool, work, self._timeout)
+        except DatabaseAway as exc:
+            raise CallStoreUnavailable(str(exc)) from exc
 
     async def admit(self, call_sid: str, charge_id: str | None, direction: str, region: str,
                     scenario_id: str | None, *, max_live: int, stale_after_s: float) -> tuple[bool, bool]:

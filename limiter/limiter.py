@@ -19,7 +19,8 @@ from typing import Any
 
 import asyncpg
 
-from db.errors import AWAY, RETRY_ONCE
+from db.bounded import DatabaseAway, run_bounded
+from db.errors import RETRY_ONCE
 from db.sql import Queries
 from limiter.errors import InvalidNumber, LimiterError, LimiterUnavailable
 from limiter.memory import MemoryLog
@@ -128,33 +129,15 @@ class Limiter:
         raise AssertionError("unreachable")
 
     async def _attempt(self, work: Callable[[asyncpg.Connection], Awaitable[Any]], deadline: _Deadline) -> Any:
-        conn = None
         try:
-            if deadline.left() <= 0:
-                raise TimeoutError
-            async with asyncio.timeout(deadline.left()):
-                conn = await self._pool.acquire()
-                result = await work(conn)
-            # Within what is left of the deadline: asyncpg ends the connection itself when its
-            # reset takes longer. The answer is in hand; a failure here only costs the connection.
-            held, conn = conn, None
-            with contextlib.suppress(*AWAY, asyncpg.PostgresError):
-                await self._pool.release(held, timeout=max(deadline.left(), 0.05))
-        except AWAY as exc:
-            self._away(exc)
-            raise LimiterUnavailable(f"{type(exc).__name__}: {exc}", sent=conn is not None) from exc
+            result = await run_bounded(self._pool, work, deadline.left())
+        except DatabaseAway as exc:
+            self._away(exc.__cause__)
+            raise LimiterUnavailable(str(exc), sent=exc.sent) from exc
         except asyncpg.PostgresError as exc:
             if isinstance(exc, RETRY_ONCE):
                 raise
             raise LimiterError(f"{type(exc).__name__}: {exc}") from exc
-        finally:
-            if conn is not None:
-                # Its state is unknown (a statement may still run on it): never lend it again.
-                # Releasing it would wait for a reset, unbounded on a stalled server; a
-                # connection the server dropped is back in the pool already (InterfaceError).
-                with contextlib.suppress(asyncpg.InterfaceError):
-                    conn.terminate()
-                    await self._pool.release(conn)
         if not self.database_ok:
             log.info("PostgreSQL is back")
             self.database_ok = True

@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import orjson
 import aiohttp
@@ -53,18 +53,16 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 INDEX_HTML = web.AppKey("index_html", str)
 
 
-def build_limiter(settings: Settings, db_pool, metrics: Metrics | None = None,
-                  clock: Callable[[], int | None] | None = None) -> Limiter:
+def build_limiter(settings: Settings, db_pool, queries: Queries, metrics: Metrics | None = None) -> Limiter:
     return Limiter(
         db_pool,
-        Queries(),
+        queries,
         PhoneKeyer(settings.phone_key.value, [k.value for k in settings.phone_previous_keys]),
         Rules(settings.phone_max_calls, settings.phone_window_ms, settings.phone_cooldown_ms),
         Regions(settings.default_region, settings.allowed_regions),
         fail_mode=settings.limiter_fail_mode,
         timeout=settings.limiter_timeout_ms / 1000,
         observe=metrics.observe_limiter if metrics else None,
-        **({"clock": clock} if clock else {}),
     )
 
 
@@ -75,8 +73,7 @@ def model_connector(settings: Settings) -> ModelConnector:
     return OfflineConnector()
 
 
-def create_app(settings: Settings, *, limiter_clock: Callable[[], int | None] | None = None,
-               connector: ModelConnector | None = None) -> web.Application:
+def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=64 * 1024)
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
@@ -86,7 +83,7 @@ def create_app(settings: Settings, *, limiter_clock: Callable[[], int | None] | 
     app[FRONTEND] = FrontendState()
     app[INDEX_HTML] = render_index(settings)
     app[TOKEN_SECRET] = tokens.derive_secret(settings.phone_key.value)
-    connector = connector or model_connector(settings)
+    connector = model_connector(settings)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         rest = app[TWILIO_REST] = TwilioRest(settings.twilio_account_sid,
@@ -96,8 +93,9 @@ def create_app(settings: Settings, *, limiter_clock: Callable[[], int | None] | 
         try:
             async with open_database(settings) as db:
                 app[DATABASE] = db
-                app[LIMITER] = limiter = build_limiter(settings, db.pool, app[METRICS], limiter_clock)
-                app[CALL_STORE] = store = CallStore(db.pool, Queries(), settings.limiter_timeout_ms / 1000)
+                queries = Queries()  # every sql/*.sql, read once
+                app[LIMITER] = limiter = build_limiter(settings, db.pool, queries, app[METRICS])
+                app[CALL_STORE] = store = CallStore(db.pool, queries, settings.limiter_timeout_ms / 1000)
                 app[CALL_SERVICES] = call_services(settings, app, connector, rest, store)
                 app[FANOUT] = fanout = PgFanout(db.dsn, db.pool, app[BUS])
                 app[BUS].forward = fanout.offer
@@ -292,7 +290,7 @@ async def run_admin(settings: Settings, args: argparse.Namespace) -> int:
                 applied = await migrate(conn)
             print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
             return 0
-        limiter = build_limiter(settings, db.pool)
+        limiter = build_limiter(settings, db.pool, Queries())
         if args.action == "stats":
             print(orjson.dumps(await limiter.stats(), option=orjson.OPT_INDENT_2).decode())
         elif args.action == "cleanup":

@@ -21,6 +21,16 @@ import phonenumbers
 VERSION = "0.1.0"
 
 DEVELOPMENT_PHONE_KEY = "callgate-development-key-do-not-use-in-production"
+
+# Models with an announced shutdown, as the official openai SDK (3.57) lists them in the
+# docstrings of RealtimeSessionCreateRequest.model and AudioTranscription.model
+# (tests/test_config.py checks this table against the installed SDK).
+DEPRECATED_REALTIME_MODELS = dict.fromkeys(
+    ("gpt-realtime", "gpt-realtime-2025-08-28", "gpt-realtime-mini", "gpt-realtime-mini-2025-12-15",
+     "gpt-audio-mini", "gpt-audio-mini-2025-12-15"), "2027-01-20")
+DEPRECATED_TRANSCRIPTION_MODELS = dict.fromkeys(
+    ("whisper-1", "gpt-4o-mini-transcribe", "gpt-4o-mini-transcribe-2025-12-15", "gpt-4o-transcribe",
+     "gpt-4o-transcribe-diarize"), "2027-02-26")
 MIN_PRODUCTION_KEY_LENGTH = 32
 
 
@@ -193,10 +203,12 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("TURNSTILE_VERIFY_URL", "https://challenges.cloudflare.com/turnstile/v0/siteverify", "Turnstile verification endpoint", _url("http", "https"), "turnstile_verify_url"),
     Variable("OPENAI_API_KEY", None, "enables the real model (without it: the offline agent)", _secret, "openai_api_key", True),
     Variable("OPENAI_REALTIME_URL", "wss://api.openai.com/v1/realtime", "model endpoint", _url("ws", "wss"), "openai_realtime_url"),
-    Variable("OPENAI_REALTIME_MODEL", "gpt-realtime", "model name", _text, "openai_realtime_model"),
+    Variable("OPENAI_REALTIME_MODEL", "gpt-realtime-1.5", "Realtime model (GA; audio/pcmu, server VAD and function tools)", _text, "openai_realtime_model"),
+    Variable("OPENAI_TRANSCRIPTION_MODEL", "gpt-live-transcribe", "model that transcribes the caller's speech for the frontend", _text, "openai_transcription_model"),
     Variable("MODEL_READY_TIMEOUT_MS", "10000", "longest wait for the model to connect and accept the session, ms (then the call ends)", _int(100, 60_000), "model_ready_timeout_ms"),
     Variable("TWILIO_ACCOUNT_SID", None, "Twilio account for REST calls", _text, "twilio_account_sid"),
     Variable("TWILIO_AUTH_TOKEN", None, "Twilio auth token: REST calls and webhook signature checks", _secret, "twilio_auth_token", True),
+    Variable("TWILIO_WEBHOOK_SHARED_KEY", None, "secret of the Twilio Webhooks rule's shared key: checks requests signed with HMAC-SHA256 (X-Twilio-Webhooks-Signature-Settings)", _secret, "twilio_shared_key", True),
     Variable("TWILIO_PHONE_NUMBER_US", None, "caller id for US calls (and the fallback)", _phone, "twilio_number_us"),
     Variable("TWILIO_PHONE_NUMBER_AU", None, "caller id for AU calls", _phone, "twilio_number_au"),
     Variable("TWILIO_PHONE_NUMBER_IN", None, "caller id for IN calls", _phone, "twilio_number_in"),
@@ -236,10 +248,12 @@ class Settings:
     turnstile_verify_url: str = "https://challenges.cloudflare.com/turnstile/v0/siteverify"
     openai_api_key: Secret | None = None
     openai_realtime_url: str = "wss://api.openai.com/v1/realtime"
-    openai_realtime_model: str = "gpt-realtime"
+    openai_realtime_model: str = "gpt-realtime-1.5"
+    openai_transcription_model: str = "gpt-live-transcribe"
     model_ready_timeout_ms: int = 10_000
     twilio_account_sid: str | None = None
     twilio_auth_token: Secret | None = None
+    twilio_shared_key: Secret | None = None
     twilio_number_us: str | None = None
     twilio_number_au: str | None = None
     twilio_number_in: str | None = None
@@ -311,6 +325,13 @@ class Settings:
                 f"RATE_LIMIT_PHONE_COOLDOWN_MS={self.phone_cooldown_ms} is longer than "
                 f"RATE_LIMIT_PHONE_WINDOW_MS={self.phone_window_ms}; the cooldown is measured within the window"
             )
+        for name, model, table in (
+                ("OPENAI_REALTIME_MODEL", self.openai_realtime_model, DEPRECATED_REALTIME_MODELS),
+                ("OPENAI_TRANSCRIPTION_MODEL", self.openai_transcription_model, DEPRECATED_TRANSCRIPTION_MODELS)):
+            if model in table:
+                warnings.append(f"{name}={model} is deprecated: OpenAI has announced its shutdown for "
+                                f"{table[model]}. Choose a current model before then "
+                                "(https://developers.openai.com/api/docs/deprecations).")
         if any(not k.value for k in self.phone_previous_keys):
             raise ConfigError("PHONE_ENCRYPTION_PREVIOUS_KEYS has an empty key")
         origins = self.allowed_origins
@@ -318,7 +339,8 @@ class Settings:
             origins = (normalise_origin(public_url),)
             if not self.production:
                 origins += tuple(f"http://{h}:{self.port}" for h in ("localhost", "127.0.0.1"))
-        return dataclasses.replace(self, public_url=public_url, allowed_origins=origins, warnings=tuple(warnings))
+        return dataclasses.replace(self, public_url=public_url, allowed_origins=origins,
+                                   warnings=tuple(dict.fromkeys(warnings)))
 
 
 def help_text() -> str:

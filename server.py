@@ -214,6 +214,7 @@ def call_services(settings: Settings, app: web.Application, connector: ModelConn
         bus=app[BUS],
         hangup=rest.hangup,
         record_status=record_status,
+        transcription_model=settings.openai_transcription_model,
         session_duration_s=duration,
         wrap_up_s=min(WRAP_UP_S, duration / 4),
         ready_timeout_s=settings.model_ready_timeout_ms / 1000,

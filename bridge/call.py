@@ -4,6 +4,12 @@
     session.updated → greeting → two pumps, caller_to_model and model_to_caller, plus the
     time limit; the first of them to finish ends the call → finish(), exactly once.
 
+Responses: the bridge asks for the greeting, the answer to a tool's output or a keypress, and
+the wrap-up; server VAD starts the others. One response is active at a time, so an ask waits
+for the active one to finish (``bridge/responses.py``). A response that fails is asked for
+again after a back-off, up to MAX_RESPONSE_RETRIES times; then, or when the model connection
+breaks, the caller hears a recorded apology and the call ends as ``model_failed``.
+
 Barge-in: after each audio chunk sent to Twilio we send a named mark; Twilio echoes a mark
 when the audio before it has played, so echoed marks count the bytes actually heard per model
 item. When the caller starts speaking while marks are outstanding we send ``clear`` and
@@ -14,6 +20,7 @@ it cleared are ignored (they were dropped from the outstanding set).
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import logging
@@ -24,8 +31,11 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from pathlib import Path
+
 from bridge import events, functions, realtime, twilio
 from bridge.model import ModelConnection, ModelConnector, ModelError
+from bridge.responses import ASK_PREFIX, Asker, Outcome
 from scenarios import Scenario
 
 log = logging.getLogger("callgate.call")
@@ -39,6 +49,22 @@ WRAP_UP_MESSAGE = (
     "The call's time is nearly up. Thank the caller, say goodbye in one short sentence, "
     "and do not ask anything more."
 )
+GREETING_MESSAGE = "The call has just connected. Greet the caller now with these words, then wait for them: {}"
+DTMF_MESSAGE = "(The caller pressed the key {} on their keypad.)"
+CUT_OFF_MESSAGE = "Your last reply was cut off. Finish it in one short sentence."
+FILTERED_MESSAGE = ("Your last reply was stopped by the content filter. Apologise in a few words and "
+                    "bring the conversation back to the purpose of this call.")
+# A failed response is asked for again after these pauses; when the last retry fails too,
+# the caller hears APOLOGY and the call ends (a rate limit or an outage rarely clears fast).
+RESPONSE_RETRY_DELAYS_S = (0.5, 2.0)
+MAX_FILTERED_RESPONSES = 3  # content-filtered replies in one call before it is ended
+MAX_DTMF_BEFORE_READY = 20  # keypresses kept while the model opens
+# What the caller hears before a call the model cannot carry is hung up.
+APOLOGY = (Path(__file__).parent / "assets" / "model_failed.ulaw").read_bytes()
+APOLOGY_REASONS = frozenset({"model_failed", "model_unavailable", "content_filter"})
+APOLOGY_CHUNK = 8000  # 1 s of μ-law per media message
+APOLOGY_MARK = "callgate-apology"
+APOLOGY_GRACE_S = 3.0  # beyond its length, the longest wait for the apology to play
 
 
 @dataclass(frozen=True)
@@ -61,6 +87,7 @@ class CallServices:
     # status moved forward, or a final status already recorded (by Twilio's callback) just got
     # its reason. Statuses never go back, so a late or duplicate one is not announced.
     record_status: Callable[[str, str, str | None], Awaitable[bool]]
+    transcription_model: str
     session_duration_s: float = 300.0
     wrap_up_s: float = 20.0
     ready_timeout_s: float = 10.0
@@ -92,10 +119,16 @@ class Call:
         self._playout = _Playout()
         self._playout.drained.set()
         self._end_requested = asyncio.Event()
-        self._end_after_goodbye: str | None = None
-        self._goodbye_pending = False          # end_call ran: the next response is the goodbye
-        self._goodbye_response: str | None = None
-        self._respond_after_done = False       # a tool's output was sent: ask for the answer
+        self._end_after_goodbye: str | None = None  # set by the end_call tool: why the call ends
+        self._asker = Asker()
+        self._items = 0                       # conversation items we added (for their ids)
+        self._goodbye_asked = False           # the response we asked for is the goodbye...
+        self._goodbye_response: str | None = None  # ...and its id, once it started
+        self._failures = 0                    # responses failed in a row
+        self._filtered = 0                    # responses stopped by the content filter
+        self._cut_off = False                 # the last response ran out of output tokens
+        self._gave_up = False                 # the model cannot carry the call: end it
+        self._dtmf_before_ready: list[str] = []
         self._aux_tasks: set[asyncio.Task] = set()
         # When we began waiting for the model to start a response (None: not waiting).
         self._awaiting_response: float | None = None
@@ -129,6 +162,8 @@ class Call:
             elif opening in done:
                 self._set_reason("model_unavailable")
                 log.warning("call %s: model did not open: %s", self.call_sid, opening.exception())
+            if self.end_reason in APOLOGY_REASONS and not caller.done():
+                await self._apologise(tasks | self._aux_tasks)
         finally:
             tasks |= self._aux_tasks
             for task in tasks:
@@ -169,15 +204,20 @@ class Call:
                 instructions=scenario.instructions(self.setup.config),
                 voice=self.setup.voice,
                 tools=functions.schemas(scenario.tools),
+                transcription_model=self._services.transcription_model,
             )))
             await self._expect(frames, "session.updated")
         self._frames = frames
         # Greeting first, then the caller's buffered audio: the agent speaks first on a call.
-        greeting = scenario.greeting(self.setup.config)
-        await self._request_response(
-            f"Greet the caller now with these words, then wait for them: {greeting}")
+        # The greeting is a system note, not response.instructions, which would replace the
+        # scenario's instructions (its persona and rules) for that response.
+        greeting = GREETING_MESSAGE.format(scenario.greeting(self.setup.config))
+        await self._add_and_ask(realtime.system_text(greeting, self._new_item_id()))
         while self._pre_ready:
             await self._model.send(realtime.append_audio(self._pre_ready.popleft()))
+        for digit in self._dtmf_before_ready:
+            await self._add_and_ask(realtime.user_text(DTMF_MESSAGE.format(digit), self._new_item_id()))
+        self._dtmf_before_ready.clear()
         self._ready = True
         log.info("call %s: model ready (%s) after %.0f ms", self.call_sid, self._services.connector.name,
                  (time.monotonic() - self.started) * 1000)
@@ -194,7 +234,7 @@ class Call:
             if event["type"] == wanted:
                 return
             if event["type"] == "error":
-                raise ModelError(f"model refused the session: {_error_text(event)}")
+                raise ModelError(f"model refused the session: {_error_text(event.get('error') or {})}")
         raise ModelError(f"model closed before {wanted}")
 
     # --- caller → model -------------------------------------------------------------------
@@ -235,9 +275,11 @@ class Call:
                 self._on_mark(event.name)
             elif isinstance(event, twilio.Dtmf):
                 log.info("call %s: keypad press", self.call_sid)  # never the digit: PINs, card numbers
+                # The model answers a text item only when asked: a keypress needs its answer.
                 if self._ready:
-                    await self._model.send(realtime.encode(realtime.user_text(
-                        f"(The caller pressed the key {event.digit} on their keypad.)")))
+                    await self._add_and_ask(realtime.user_text(DTMF_MESSAGE.format(event.digit), self._new_item_id()))
+                elif len(self._dtmf_before_ready) < MAX_DTMF_BEFORE_READY:
+                    self._dtmf_before_ready.append(event.digit)
             elif isinstance(event, twilio.Stop):
                 self._set_reason("caller_hangup")
                 return
@@ -255,7 +297,8 @@ class Call:
     # --- model → caller -------------------------------------------------------------------
 
     async def model_to_caller(self) -> None:
-        """Turn model events into audio for Twilio and call events for subscribers."""
+        """Turn model events into audio for Twilio and call events for subscribers, until the
+        model closes, breaks, or cannot carry the call any more."""
         bad = 0
         observe = self._services.observe_frame
         try:
@@ -270,6 +313,8 @@ class Call:
                         return
                     continue
                 await self._on_model_event(event)
+                if self._gave_up:
+                    return
                 if event["type"] == "response.output_audio.delta":
                     observe("model_to_caller", time.perf_counter() - started)
         except ModelError as exc:
@@ -290,33 +335,113 @@ class Call:
             item_id, text = str(event.get("item_id", "")), str(event.get(field_name, ""))
             self._bus.publish(events.transcript_delta(self.call_sid, item_id, role, text) if stage == "delta"
                               else events.transcript_done(self.call_sid, item_id, role, text))
+        elif kind == realtime.TRANSCRIPTION_FAILED:
+            # The caller's words could not be transcribed: the turn still happened (the model
+            # heard the audio), so followers are told, and the operator sees why.
+            error = event.get("error") or {}
+            log.warning("call %s: transcription of the caller failed (%s, %s)", self.call_sid,
+                        error.get("code"), error.get("type"))
+            self._bus.publish(events.transcript_done(self.call_sid, str(event.get("item_id", "")), "user", "",
+                                                     failed=True))
         elif kind == "response.output_item.done":
             item = event.get("item") or {}
             if item.get("type") == "function_call":
                 await self._run_function(item)
+        elif kind in ("conversation.item.added", "conversation.item.created"):
+            self._asker.item_added(str((event.get("item") or {}).get("id", "")))
         elif kind == "response.created":
             self._awaiting_response = None
-            if self._goodbye_pending:
-                self._goodbye_pending = False
-                self._goodbye_response = str((event.get("response") or {}).get("id", ""))
+            response_id = str((event.get("response") or {}).get("id", ""))
+            if self._asker.created(response_id) and self._goodbye_asked:
+                self._goodbye_asked, self._goodbye_response = False, response_id
         elif kind == "response.done":
             self._awaiting_response = None
-            if self._respond_after_done:
-                self._respond_after_done = False
-                if self._end_after_goodbye is not None and self._goodbye_response is None:
-                    self._goodbye_pending = True  # the answer to end_call's output is the goodbye
-                await self._request_response()
-            done_id = str((event.get("response") or {}).get("id", ""))
-            if self._goodbye_response is not None and done_id == self._goodbye_response:
-                self._goodbye_response = None
-                self._spawn(self._end_when_played(self._end_after_goodbye or "agent_ended"), "end_after_goodbye")
+            await self._on_response_done(Outcome.of(event))
         elif kind in ("input_audio_buffer.speech_stopped", "input_audio_buffer.committed"):
             # Server VAD answers a finished turn by itself: a response should start shortly.
             if self._awaiting_response is None:
                 self._awaiting_response = time.monotonic()
         elif kind == "error":
-            if (event.get("error") or {}).get("code") not in realtime.BENIGN_ERROR_CODES:
-                log.warning("call %s: model error: %s", self.call_sid, _error_text(event))
+            await self._on_error(event.get("error") or {})
+
+    async def _on_response_done(self, outcome: Outcome) -> None:
+        """Every status the API defines: completed and cancelled (barge-in) need nothing;
+        failed is asked for again after a back-off, then the call is given up; incomplete
+        (out of output tokens, or the content filter) gets one note to the model."""
+        is_goodbye = outcome.response_id == self._goodbye_response
+        if outcome.failed:
+            self._failures += 1
+            log.warning("call %s: response failed (%s, %s), %d in a row", self.call_sid,
+                        outcome.error_code, outcome.error_type, self._failures)
+            if is_goodbye:  # the retry is the goodbye again
+                self._goodbye_asked, self._goodbye_response = True, None
+            self._asker.done(outcome.response_id)
+            self._retry_or_give_up()
+            return
+        self._failures = 0
+        if outcome.status == "incomplete":
+            await self._on_incomplete(outcome)
+        if is_goodbye:
+            self._goodbye_response = None
+            self._spawn(self._end_when_played(self._goodbye_reason), "end_after_goodbye")
+        await self._send_ask(self._asker.done(outcome.response_id))
+
+    async def _on_incomplete(self, outcome: Outcome) -> None:
+        if outcome.reason == "content_filter":
+            self._filtered += 1
+            log.warning("call %s: a reply was stopped by the content filter (%d in this call)",
+                        self.call_sid, self._filtered)
+            if self._filtered >= MAX_FILTERED_RESPONSES:
+                self._give_up("content_filter")
+                return
+            await self._add_and_ask(realtime.system_text(FILTERED_MESSAGE, self._new_item_id()))
+        elif outcome.reason == "max_output_tokens":
+            # Once: a reply cut off again is left as it is, not chased in a loop.
+            log.info("call %s: a reply ran out of output tokens", self.call_sid)
+            if not self._cut_off:
+                self._cut_off = True
+                await self._add_and_ask(realtime.system_text(CUT_OFF_MESSAGE, self._new_item_id()))
+                return
+        self._cut_off = False
+
+    async def _on_error(self, error: dict[str, Any]) -> None:
+        code, event_id = error.get("code"), error.get("event_id")
+        ours = isinstance(event_id, str) and event_id.startswith(ASK_PREFIX)
+        if code == realtime.ACTIVE_RESPONSE and ours:
+            self._asker.refused(event_id)  # asked again when the active response is done
+        elif ours:
+            # Our response.create itself was refused for another reason (a rate limit, an
+            # outage): like a failed response.
+            self._failures += 1
+            log.warning("call %s: response refused (%s, %s), %d in a row", self.call_sid, code,
+                        error.get("type"), self._failures)
+            self._asker.refused(event_id)
+            self._retry_or_give_up()
+        elif code not in realtime.BENIGN_ERROR_CODES:
+            log.warning("call %s: model error: %s", self.call_sid, _error_text(error))
+
+    def _retry_or_give_up(self) -> None:
+        if self._failures > len(RESPONSE_RETRY_DELAYS_S):
+            self._give_up("model_failed")
+            return
+        self._asker.retry_later()
+        self._spawn(self._retry_after(RESPONSE_RETRY_DELAYS_S[self._failures - 1]), "retry_response")
+
+    async def _retry_after(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        with contextlib.suppress(ModelError):  # a broken model ends the call through its own pump
+            await self._send_ask(self._asker.release())
+
+    def _give_up(self, reason: str) -> None:
+        """The model cannot carry this call: end it (the caller hears the apology first)."""
+        log.warning("call %s: giving up on the model: %s", self.call_sid, reason)
+        self._set_reason(reason)
+        self._asker.cancel()
+        self._gave_up = True
+
+    @property
+    def _goodbye_reason(self) -> str:
+        return self._end_after_goodbye or "agent_ended"
 
     async def _play(self, event: dict[str, Any]) -> None:
         item_id = event.get("item_id")
@@ -356,14 +481,26 @@ class Call:
             return
         arguments = item.get("arguments") if isinstance(item.get("arguments"), str) else "{}"
         output = await functions.run(name, arguments, _ToolContext(self))
-        await self._model.send(realtime.encode(realtime.function_output(call_id, output)))
-        # The answer to the output is asked for once the response that made the call is done:
-        # asked now, while it is still active, the model may refuse it.
-        self._respond_after_done = True
         self._bus.publish(events.function_call(self.call_sid, name, arguments, output))
+        if self._end_after_goodbye is not None:
+            self._goodbye_asked = True  # the answer to end_call's output
+        # Asked now, while the response that made the call is still active, the answer would
+        # be refused: the asker sends it once that response is done.
+        await self._add_and_ask(realtime.function_output(call_id, output, self._new_item_id()))
 
-    async def _request_response(self, instructions: str | None = None) -> None:
-        await self._model.send(realtime.encode(realtime.response_create(instructions)))
+    def _new_item_id(self) -> str:
+        self._items += 1
+        return f"cg_item_{self._items}"
+
+    async def _add_and_ask(self, item_event: dict[str, Any]) -> None:
+        """Add a conversation item, then ask for a response that sees it."""
+        await self._model.send(realtime.encode(item_event))
+        await self._send_ask(self._asker.ask(item_event["item"]["id"]))
+
+    async def _send_ask(self, event_id: str | None) -> None:
+        if event_id is None:
+            return
+        await self._model.send(realtime.encode(realtime.response_create(event_id)))
         if self._awaiting_response is None:
             self._awaiting_response = time.monotonic()
 
@@ -385,9 +522,13 @@ class Call:
         s = self._services
         await asyncio.sleep(max(s.session_duration_s - s.wrap_up_s, 0))
         log.info("call %s: time nearly up, asking the agent to wrap up", self.call_sid)
+        # The goodbye is asked for now, and waits if the agent is mid-reply; once it has
+        # played the call ends. The limit itself still holds if the goodbye never comes.
+        if self._end_after_goodbye is None:
+            self._end_after_goodbye = "time_limit"
+        self._goodbye_asked = True
         with contextlib.suppress(ModelError):  # a broken model ends the call through its own pump
-            await self._model.send(realtime.encode(realtime.system_text(WRAP_UP_MESSAGE)))
-            await self._request_response()
+            await self._add_and_ask(realtime.system_text(WRAP_UP_MESSAGE, self._new_item_id()))
         await asyncio.sleep(min(s.wrap_up_s, s.session_duration_s))
         self._set_reason("time_limit")
 
@@ -417,6 +558,32 @@ class Call:
                 return
 
     # --- the end ----------------------------------------------------------------------------
+
+    async def _apologise(self, tasks: set[asyncio.Task]) -> None:
+        """The model cannot carry the call: stop everything else, tell the caller, and wait
+        (bounded) until Twilio says it has played, so hanging up does not cut it short."""
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)  # their errors are reported by _finish
+        stream_sid = self.setup.stream_sid
+        try:
+            if self._playout.outstanding:
+                await self.twilio_ws.send_str(twilio.clear(stream_sid))  # no half reply first
+            for start in range(0, len(APOLOGY), APOLOGY_CHUNK):
+                chunk = base64.b64encode(APOLOGY[start:start + APOLOGY_CHUNK]).decode()
+                await self.twilio_ws.send_str(twilio.media(stream_sid, chunk))
+            await self.twilio_ws.send_str(twilio.mark(stream_sid, APOLOGY_MARK))
+            async with asyncio.timeout(len(APOLOGY) / 8000 + APOLOGY_GRACE_S):
+                async for msg in self.twilio_ws:
+                    try:
+                        event = twilio.parse(msg.data) if msg.type == WSMsgType.TEXT else None
+                    except twilio.ProtocolError:
+                        continue
+                    if isinstance(event, twilio.Stop) or (isinstance(event, twilio.Mark)
+                                                           and event.name == APOLOGY_MARK):
+                        return
+        except (TimeoutError, ConnectionResetError):
+            return  # the caller is gone, or Twilio is not answering: hang up anyway
 
     async def _finish(self, tasks: set[asyncio.Task]) -> None:
         if self._finished:
@@ -463,6 +630,5 @@ class _ToolContext:
         self._call.request_end_after_goodbye(reason)
 
 
-def _error_text(event: dict[str, Any]) -> str:
-    error = event.get("error") or {}
+def _error_text(error: dict[str, Any]) -> str:
     return f"{error.get('code') or error.get('type')}: {error.get('message', '')}"[:300]

@@ -40,8 +40,13 @@ def transcript_delta(call_sid: str, item_id: str, role: str, delta: str) -> Even
     return {"type": "transcript.delta", "callSid": call_sid, "itemId": item_id, "role": role, "delta": delta}
 
 
-def transcript_done(call_sid: str, item_id: str, role: str, text: str) -> Event:
-    return {"type": "transcript.done", "callSid": call_sid, "itemId": item_id, "role": role, "text": text}
+def transcript_done(call_sid: str, item_id: str, role: str, text: str, *, failed: bool = False) -> Event:
+    """A finished turn's text. ``failed``: the caller's speech could not be transcribed (the
+    text is empty, the turn still happened)."""
+    event = {"type": "transcript.done", "callSid": call_sid, "itemId": item_id, "role": role, "text": text}
+    if failed:
+        event["failed"] = True
+    return event
 
 
 def function_call(call_sid: str, name: str, arguments: str, output: str) -> Event:

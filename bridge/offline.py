@@ -3,7 +3,8 @@
 It speaks the same Realtime GA events as the real model, so the bridge, barge-in, transcripts
 and the frontend work unchanged. It greets with a recorded sentence, detects the caller's
 speech by energy, and after each pause plays the caller's last utterance back, with
-transcript events that say so.
+transcript events that say so. It has no voice of its own beyond the greeting: a response
+asked for later (after a keypress, or the wrap-up) is an empty one.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class OfflineAgent:
         self._quiet_ms = 0
         self._speech_item = ""
         self._responding: asyncio.Task | None = None
+        self._greeted = False
         self._closed = False
         self._emit("session.created", session={"id": _id("sess"), "type": "realtime", "model": "offline"})
 
@@ -67,13 +69,20 @@ class OfflineAgent:
                 pass  # a frame that is not whole base64: the real model would ignore it too
         elif kind == "session.update":
             self._emit("session.updated", session=event.get("session", {}))
+        elif kind == "conversation.item.create":
+            item = event.get("item") or {}
+            self._emit("conversation.item.added", item={**item, "id": item.get("id") or _id("item")})
         elif kind == "response.create":
-            if self._responding is None or self._responding.done():
-                self._respond(GREETING, GREETING_TEXT)
-            else:
+            if self._responding is not None and not self._responding.done():
                 self._emit("error", error={"type": "invalid_request_error",
                                            "code": "conversation_already_has_active_response",
-                                           "message": "a response is in progress"})
+                                           "message": "a response is in progress",
+                                           "event_id": event.get("event_id")})
+            elif not self._greeted:
+                self._greeted = True
+                self._respond(GREETING, GREETING_TEXT)
+            else:
+                self._respond(b"", "")
         elif kind == "response.cancel":
             self._cancel_response()
         elif kind == "conversation.item.truncate":
@@ -125,6 +134,8 @@ class OfflineAgent:
         try:
             await asyncio.sleep(pause)
             self._emit("response.created", response={"id": response_id, "status": "in_progress"})
+            if not audio:
+                return
             self._emit("response.output_audio_transcript.delta", response_id=response_id, item_id=item_id,
                        output_index=0, content_index=0, delta=text)
             for start in range(0, len(audio), CHUNK_BYTES):

@@ -13,11 +13,12 @@ from typing import Any
 
 import orjson
 
-# Error codes that are expected around barge-in and need no action.
-BENIGN_ERROR_CODES = frozenset({
-    "response_cancel_not_active",
-    "conversation_already_has_active_response",
-})
+# Error codes that are expected around barge-in and need no action: a cancel that raced the
+# response's own end.
+BENIGN_ERROR_CODES = frozenset({"response_cancel_not_active"})
+# Our response.create came while another response was active: ask again after that one.
+ACTIVE_RESPONSE = "conversation_already_has_active_response"
+TRANSCRIPTION_FAILED = "conversation.item.input_audio_transcription.failed"
 
 # Server events that carry transcript text: type → (role, "delta" or "done", the text's field).
 TRANSCRIPT_EVENTS = {
@@ -33,7 +34,7 @@ PCMU = {"type": "audio/pcmu"}
 
 
 def session_update(*, instructions: str, voice: str, tools: list[dict[str, Any]],
-                   transcription_model: str = "gpt-4o-mini-transcribe") -> dict[str, Any]:
+                   transcription_model: str) -> dict[str, Any]:
     return {
         "type": "session.update",
         "session": {
@@ -64,10 +65,11 @@ def is_base64(text: str) -> bool:
     return _BASE64.fullmatch(text) is not None
 
 
-def response_create(instructions: str | None = None) -> dict[str, Any]:
-    if instructions is None:
-        return {"type": "response.create"}
-    return {"type": "response.create", "response": {"instructions": instructions}}
+def response_create(event_id: str) -> dict[str, Any]:
+    """A response with the session's own instructions and tools. (``response.instructions``
+    would replace the session's for that response: the scenario's persona would be lost.)
+    ``event_id`` comes back in an ``error`` about this event."""
+    return {"type": "response.create", "event_id": event_id}
 
 
 def truncate(item_id: str, content_index: int, audio_end_ms: int) -> dict[str, Any]:
@@ -75,19 +77,21 @@ def truncate(item_id: str, content_index: int, audio_end_ms: int) -> dict[str, A
             "content_index": content_index, "audio_end_ms": audio_end_ms}
 
 
-def function_output(call_id: str, output: str) -> dict[str, Any]:
+def function_output(call_id: str, output: str, item_id: str) -> dict[str, Any]:
     return {"type": "conversation.item.create",
-            "item": {"type": "function_call_output", "call_id": call_id, "output": output}}
+            "item": {"id": item_id, "type": "function_call_output", "call_id": call_id, "output": output}}
 
 
-def user_text(text: str) -> dict[str, Any]:
+def user_text(text: str, item_id: str) -> dict[str, Any]:
     return {"type": "conversation.item.create",
-            "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]}}
+            "item": {"id": item_id, "type": "message", "role": "user",
+                     "content": [{"type": "input_text", "text": text}]}}
 
 
-def system_text(text: str) -> dict[str, Any]:
+def system_text(text: str, item_id: str) -> dict[str, Any]:
     return {"type": "conversation.item.create",
-            "item": {"type": "message", "role": "system", "content": [{"type": "input_text", "text": text}]}}
+            "item": {"id": item_id, "type": "message", "role": "system",
+                     "content": [{"type": "input_text", "text": text}]}}
 
 
 def encode(event: dict[str, Any]) -> str:

@@ -3,7 +3,9 @@ the fake Twilio REST API, and (when wanted) the fake Realtime model; plus simula
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -70,3 +72,38 @@ async def callgate(dsn: str, *, model: FakeRealtime | None = None, port: int = 0
             for call in harness.calls:
                 await call.close()
             await server.close()
+        if model is not None:
+            # Every call test is also a conformance test: nothing Callgate sent was refused
+            # by the SDK's types (the real API would have answered it with an error).
+            refused = [(e.get("type"), str(p)) for s in model.sessions for e, p in s.refused]
+            assert refused == [], f"the model refused client events: {refused}"
+            assert model.invalid_sent == [], f"the fake sent invalid events: {model.invalid_sent}"
+
+
+# --- what the call tests look for ----------------------------------------------------------
+
+
+def quiet_pattern(seed: int, ms: int) -> bytes:
+    """Audio unique to one call, too quiet for any voice detector (μ-law codes near silence)."""
+    rng = random.Random(seed)
+    return bytes(rng.choice((0xF8, 0xF9, 0xFA, 0xFB, 0x78, 0x79, 0x7A, 0x7B)) for _ in range(ms * 8))
+
+
+async def until(sub, predicate, timeout: float = 10.0) -> list[dict]:
+    """The events a bus subscription gets, up to and including the first that matches."""
+    seen = []
+    async with asyncio.timeout(timeout):
+        while True:
+            seen.append(await sub.get())
+            if predicate(seen[-1]):
+                return seen
+
+
+def is_ended(event: dict) -> bool:
+    return event["type"] == "call.status_changed" and event["status"] == "ended"
+
+
+def hangups(h, call_sid: str) -> list:
+    """The REST requests that hung ``call_sid`` up."""
+    return [r for r in h.twilio_api.requests
+            if r.method == "POST" and r.path.endswith(f"/Calls/{call_sid}.json") and r.value("Status") == "completed"]

@@ -61,8 +61,10 @@ def test_safe_ids_refuse_anything_needing_escapes():
 
 def test_session_update_is_ga_shaped():
     """session.update uses the GA shape: type realtime, pcmu in and out, server VAD, voice, tools."""
-    update = realtime.session_update(instructions="Be brief.", voice="marin", tools=[{"type": "function", "name": "x"}])
+    update = realtime.session_update(instructions="Be brief.", voice="marin", tools=[{"type": "function", "name": "x"}],
+                                     transcription_model="gpt-live-transcribe")
     session = update["session"]
+    assert session["audio"]["input"]["transcription"] == {"model": "gpt-live-transcribe"}
     assert update["type"] == "session.update" and session["type"] == "realtime"
     assert session["audio"]["input"]["format"] == {"type": "audio/pcmu"}
     assert session["audio"]["output"] == {"format": {"type": "audio/pcmu"}, "voice": "marin"}

@@ -4,38 +4,13 @@ function calls, the time limit, and every way the model can fail."""
 from __future__ import annotations
 
 import asyncio
-import random
 
 import pytest
 
 from appkeys import CALL_STORE, CALLS, LIFECYCLE, METRICS
-from callgate_harness import callgate
+from callgate_harness import callgate, hangups, is_ended, quiet_pattern, until
 from tools.fake_realtime import FakeRealtime
 from tools.simulate_call import silence, tone
-
-
-def quiet_pattern(seed: int, ms: int) -> bytes:
-    """Audio unique to one call, too quiet for any voice detector (μ-law codes near silence)."""
-    rng = random.Random(seed)
-    return bytes(rng.choice((0xF8, 0xF9, 0xFA, 0xFB, 0x78, 0x79, 0x7A, 0x7B)) for _ in range(ms * 8))
-
-
-async def until(sub, predicate, timeout: float = 10.0) -> list[dict]:
-    seen = []
-    async with asyncio.timeout(timeout):
-        while True:
-            seen.append(await sub.get())
-            if predicate(seen[-1]):
-                return seen
-
-
-def is_ended(event: dict) -> bool:
-    return event["type"] == "call.status_changed" and event["status"] == "ended"
-
-
-def hangups(h, call_sid: str) -> list:
-    return [r for r in h.twilio_api.requests
-            if r.method == "POST" and r.path.endswith(f"/Calls/{call_sid}.json") and r.value("Status") == "completed"]
 
 
 async def test_a_full_call(dsn):
@@ -61,7 +36,7 @@ async def test_a_full_call(dsn):
     config = session.session_config
     assert config["type"] == "realtime" and config["audio"]["input"]["format"]["type"] == "audio/pcmu"
     assert config["audio"]["output"]["voice"] == "coral" and config["instructions"]
-    assert session.headers["Authorization"] == "Bearer test-key" and session.model == "gpt-realtime"
+    assert session.headers["Authorization"] == "Bearer test-key" and session.model == "gpt-realtime-1.5"
     assert bytes(received[:len(caller_audio)]) == caller_audio
     assert greeting >= 8000
     assert [e["text"] for e in events if e["type"] == "transcript.done"] == ["Hello, how can I help?"]

@@ -375,11 +375,11 @@ async def test_wait_for_event_returns_each_event_once():
 
 
 async def test_session_send_and_drop():
-    """session.send pushes any event; session.drop closes with 1011 and sets closed."""
+    """session.send_unchecked pushes any event; session.drop closes with 1011 and sets closed."""
     async with FakeRealtime() as fake, client(fake) as ws:
         await recv(ws)
         session = await fake.wait_for_session()
-        await session.send({"type": "custom.event"})
+        await session.send_unchecked({"type": "custom.event"})
         assert (await recv(ws))["type"] == "custom.event"
         await session.drop()
         with pytest.raises(ConnectionClosedError) as closed:

@@ -177,9 +177,10 @@ async def test_dtmf_reaches_the_model_as_text(dsn):
         session = await model.wait_for_session()
         await call.wait_for_audio(800)
         await call.send_dtmf("7")
+        await session.wait_for_event("conversation.item.create")  # the greeting's note
         event = await session.wait_for_event("conversation.item.create")
         await call.stop()
-    assert "pressed the key 7" in event["item"]["content"][0]["text"]
+    assert event["item"]["role"] == "user" and "pressed the key 7" in event["item"]["content"][0]["text"]
 
 
 async def test_scenarios_and_tools_are_listed(dsn):

@@ -22,12 +22,17 @@ Client events handled:
     conversation.item.truncate      checked against the audio produced for the item
     response.create                 an audio response (or a scripted function call)
     response.cancel                 stops the active response → response.done "cancelled"
-Anything else, non-JSON frames and binary frames get an ``error`` event; the peer
-never crashes on input.
+Every client event is first checked against the official ``openai`` SDK's types
+(``tools/realtime_types.py``): an unknown field, a missing or badly typed one gets the
+``error`` the real API sends (``unknown_parameter``, ``missing_required_parameter``,
+``invalid_type``, ``invalid_value``, with ``param`` and the client's ``event_id``).
+Anything else, non-JSON frames and binary frames get an ``error`` event too; the peer
+never crashes on input. Every server event is checked against the SDK's types before it
+is sent (an invalid one is a bug in the fake: FakeBug).
 
 Server events sent: session.created, session.updated, error, input_audio_buffer.*,
 conversation.item.added / .done / .truncated,
-conversation.item.input_audio_transcription.delta / .completed, response.created,
+conversation.item.input_audio_transcription.delta / .completed / .failed, response.created,
 response.output_item.added / .done, response.content_part.added / .done,
 response.output_audio.delta / .done, response.output_audio_transcript.delta / .done,
 response.function_call_arguments.delta / .done, response.done, rate_limits.updated
@@ -48,6 +53,12 @@ Faults (constructor ``fault``, applied to every connection):
     no_session_updated    send session.created, never answer session.update
     error_on_update       answer session.update with an error, never session.updated
 
+Per response (``response_fault`` for all, ``response_faults`` by index): ``server_error``
+and ``rate_limit`` fail the response (``response.done`` status failed, with
+``status_details.error``); ``max_output_tokens`` and ``content_filter`` stop it halfway
+(status incomplete, with ``status_details.reason``). ``transcription_fault`` fails every
+caller turn's transcription (``conversation.item.input_audio_transcription.failed``).
+
 CLI: ``python tools/fake_realtime.py --port 9100 [--pace 1] [--fault stall] ...``
 """
 
@@ -64,7 +75,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +90,7 @@ from websockets.http11 import Request, Response
 # Run as a script, this folder (tools/) is on sys.path, the repository root is not.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bridge import mulaw  # noqa: E402
+from tools.realtime_types import check_client_event, check_server_event  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +99,19 @@ FAULTS = frozenset({
     "drop_after_greeting", "stall_after_greeting", "no_handshake", "stall", "garbage", "no_session_updated",
     "error_on_update",
 })
+# Per-response faults (``response_fault`` / ``response_faults``): how real responses end badly.
+# A failed response carries status_details.error; an incomplete one a reason, after part of
+# its audio.
+FAILED_RESPONSES = {
+    "server_error": {"type": "server_error", "code": "server_error",
+                     "message": "The server had an error while processing your request. Sorry about that!"},
+    "rate_limit": {"type": "invalid_request_error", "code": "rate_limit_exceeded",
+                   "message": "Rate limit reached for requests. Please try again in 1.2s."},
+}
+INCOMPLETE_RESPONSES = frozenset({"max_output_tokens", "content_filter"})
+RESPONSE_FAULTS = frozenset(FAILED_RESPONSES) | INCOMPLETE_RESPONSES
+TRANSCRIPTION_ERROR = {"type": "invalid_request_error", "code": "audio_unintelligible",
+                       "message": "The audio could not be transcribed.", "param": None}
 AUDIO_FORMATS = frozenset({"audio/pcmu", "audio/pcma", "audio/pcm"})
 # Fields of the beta session shape that the GA API rejects at the top of `session`.
 BETA_FIELDS = (
@@ -133,11 +158,13 @@ def new_id(prefix: str) -> str:
 
 
 def merge(base: dict, update: dict) -> dict:
-    """A copy of `base` with `update` applied recursively (how session.update combines)."""
+    """A copy of `base` with `update` applied recursively (how session.update combines).
+    An object whose ``type`` changes is replaced whole: ``audio/pcmu`` has no ``rate``."""
     merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
+        old = merged.get(key)
+        if isinstance(value, dict) and isinstance(old, dict) and value.get("type", old.get("type")) == old.get("type"):
+            merged[key] = merge(old, value)
         else:
             merged[key] = value
     return merged
@@ -147,6 +174,10 @@ def split_evenly(text: str, parts: int) -> list[str]:
     """`text` cut into `parts` consecutive pieces (some maybe empty) whose join is `text`."""
     parts = max(parts, 1)
     return [text[len(text) * i // parts:len(text) * (i + 1) // parts] for i in range(parts)]
+
+
+class FakeBug(AssertionError):
+    """The fake was about to send an event the SDK's types refuse: a bug in the fake."""
 
 
 class ClientError(Exception):
@@ -268,7 +299,12 @@ class FakeSession:
         self.session_config: dict | None = None
         self.audio_in = bytearray()
         self.truncates: list[dict] = []
+        # Client events the SDK's types refuse (unknown or badly typed fields), with why.
+        self.refused: list[tuple[dict, Any]] = []
         self.function_outputs: list[dict] = []
+        # The instructions each response was made with, in order: the session's, unless the
+        # response.create carried response.instructions (which replace them for that one).
+        self.response_instructions: list[str] = []
         self.closed = asyncio.Event()
         self._changed = asyncio.Condition()
         self._by_type: dict[str, list[dict]] = {}
@@ -293,9 +329,19 @@ class FakeSession:
     # ------------------------------------------------------------ public helpers
 
     async def send(self, event: dict) -> None:
-        """Send one server event (an `event_id` is added when missing) as a JSON text frame."""
+        """Send one server event (an `event_id` is added when missing) as a JSON text frame.
+        Raises FakeBug (and records it in ``fake.invalid_sent``) for an event the SDK's
+        server-event types refuse, or that carries a field they do not know."""
         event = dict(event)
         event.setdefault("event_id", new_id("event"))
+        problem = check_server_event(event)
+        if problem is not None:
+            self.fake.invalid_sent.append((event, problem))
+            raise FakeBug(f"fake realtime would send an invalid {event.get('type')!r}: {problem}")
+        await self.send_unchecked(event)
+
+    async def send_unchecked(self, event: dict) -> None:
+        """Send any JSON object as a text frame (tests use it to misbehave on purpose)."""
         self.events_out.append(event)
         await self.ws.send(orjson.dumps(event), text=True)
 
@@ -365,7 +411,7 @@ class FakeSession:
             return
         if fault == "garbage":
             await self.ws.send("this is not JSON {")
-            await self.send({"note": "this event has no type"})
+            await self.send_unchecked({"note": "this event has no type"})
             return
         await self.send({"type": "session.created", "session": self.config})
 
@@ -380,6 +426,12 @@ class FakeSession:
                 await self._record(event)
             if wedged:
                 return
+            if event["type"] == "session.update":
+                check_session_update(event.get("session"))  # the beta shape, named as such
+            problem = check_client_event(event)
+            if problem is not None:
+                self.refused.append((event, problem))
+                raise ClientError(problem.code, problem.message, problem.param)
             handler = self._handlers().get(event.get("type"))
             if handler is None:
                 raise ClientError("invalid_value", f"Invalid value: {event.get('type')!r}: "
@@ -527,10 +579,15 @@ class FakeSession:
                          "item": item})
         transcript = f"caller said {speech_ms} ms of audio"
         where = {"item_id": item_id, "content_index": 0}
+        if self.fake.transcription_fault:
+            await self.send({"type": "conversation.item.input_audio_transcription.failed",
+                             **where, "error": TRANSCRIPTION_ERROR})
+            return
         await self.send({"type": "conversation.item.input_audio_transcription.delta",
                          **where, "delta": transcript})
         await self.send({"type": "conversation.item.input_audio_transcription.completed",
-                         **where, "transcript": transcript})
+                         **where, "transcript": transcript,
+                         "usage": {"type": "duration", "seconds": speech_ms / 1000}})
 
     async def _on_audio_commit(self, event: dict) -> None:
         ms = self._uncommitted // BYTES_PER_MS
@@ -608,7 +665,7 @@ class FakeSession:
                 f"Conversation already has an active response in progress: "
                 f"{self._response.id}. Wait until the response is finished before creating "
                 "a new one.")
-        self._start_response()
+        self._start_response((event.get("response") or {}).get("instructions"))
 
     async def _on_response_cancel(self, event: dict) -> None:
         if self._response is None:
@@ -616,9 +673,11 @@ class FakeSession:
                               "Cancellation failed: no active response found.")
         self._response.cancel("client_cancelled")
 
-    def _start_response(self) -> None:
+    def _start_response(self, instructions: str | None = None) -> None:
         if self.fake.fault == "stall_after_greeting" and self._answered >= 1:
             return  # the stuck model: input accepted, no answer ever
+        self.response_instructions.append(self.config.get("instructions", "") if instructions is None
+                                          else instructions)
         response = _Response(new_id("resp"), self._responses)
         self._responses += 1
         self._response = response
@@ -626,15 +685,19 @@ class FakeSession:
 
     async def _produce(self, response: _Response) -> None:
         call = self.fake.function_call_for(response.index)
+        fault = self.fake.response_fault_for(response.index)
         try:
             await self.send({"type": "response.created", "response": {
                 "id": response.id, "object": "realtime.response", "status": "in_progress",
                 "status_details": None, "output": [], "usage": None}})
+            if fault in FAILED_RESPONSES:
+                await self._fail(response, fault)
+                return
             if call is not None:
                 item = await self._produce_function_call(response, *call)
             else:
-                item = await self._produce_audio(response)
-            await self._finish(response, item)
+                item = await self._produce_audio(response, cut=fault is not None)
+            await self._finish(response, item, fault)
         except ConnectionClosed:
             pass
         except Exception:
@@ -659,11 +722,28 @@ class FakeSession:
         self._call_ids.add(item["call_id"])
         return {**item, "arguments": arguments, "status": "completed"}
 
-    async def _produce_audio(self, response: _Response) -> dict:
+    async def _fail(self, response: _Response, fault: str) -> None:
+        """A failed response, as the API reports a rate limit or an outage: no output, the
+        error in status_details (and, for a rate limit, none left in rate_limits.updated)."""
+        self._response = None
+        if fault == "rate_limit":
+            await self.send({"type": "rate_limits.updated", "rate_limits": [
+                {"name": "requests", "limit": 5000, "remaining": 0, "reset_seconds": 1.2},
+                {"name": "tokens", "limit": 40000, "remaining": 0, "reset_seconds": 1.2}]})
+        await self.send({"type": "response.done", "response": {
+            "id": response.id, "object": "realtime.response", "status": "failed",
+            "status_details": {"type": "failed", "error": FAILED_RESPONSES[fault]},
+            "output": [], "output_modalities": ["audio"], "usage": None}})
+        self._answered += 1
+
+    async def _produce_audio(self, response: _Response, cut: bool = False) -> dict:
+        """The reply's audio; ``cut``: only its first half (an incomplete response)."""
         fake = self.fake
         audio = fake.reply_audio_for(self.index, response.index)
         chunk_bytes = max(fake.chunk_ms * BYTES_PER_MS, 1)
         chunks = [audio[i:i + chunk_bytes] for i in range(0, len(audio), chunk_bytes)]
+        if cut:
+            chunks = chunks[:max(len(chunks) // 2, 1)]
         texts = split_evenly(fake.reply_text, len(chunks))
         item = {"id": new_id("item"), "object": "realtime.item", "type": "message",
                 "status": "in_progress", "role": "assistant", "content": []}
@@ -680,7 +760,7 @@ class FakeSession:
                          "transcript": transcript})
         part = {"type": "audio", "transcript": transcript}
         await self.send({"type": "response.content_part.done", **where, "part": part})
-        status = "incomplete" if response.cancelled else "completed"
+        status = "incomplete" if response.cancelled or cut else "completed"
         return {**item, "status": status,
                 "content": [{"type": "output_audio", "transcript": transcript}]}
 
@@ -712,15 +792,16 @@ class FakeSession:
         await self.send({"type": "conversation.item.added", "previous_item_id": previous,
                          "item": item})
 
-    async def _finish(self, response: _Response, item: dict) -> None:
-        """output_item.done, conversation.item.done, response.done, then the noise or fault."""
+    async def _finish(self, response: _Response, item: dict, incomplete: str | None = None) -> None:
+        """output_item.done, conversation.item.done, response.done, then the noise or fault.
+        ``incomplete``: the reason the response stopped short (max_output_tokens, content_filter)."""
         self._items[item["id"]] = item
         await self.send({"type": "response.output_item.done", "response_id": response.id,
                          "output_index": 0, "item": item})
         await self.send({"type": "conversation.item.done", "item": item})
-        status = "cancelled" if response.cancelled else "completed"
-        details = ({"type": "cancelled", "reason": response.cancel_reason}
-                   if response.cancelled else None)
+        status = "cancelled" if response.cancelled else "incomplete" if incomplete else "completed"
+        details = ({"type": "cancelled", "reason": response.cancel_reason} if response.cancelled
+                   else {"type": "incomplete", "reason": incomplete} if incomplete else None)
         transcript = "".join(c.get("transcript") or "" for c in item.get("content", []))
         # Inactive before response.done leaves: a client may answer it with response.create
         # before this task runs again.
@@ -756,6 +837,18 @@ class FakeRealtime:
     session emits the k-th call instead of audio; later responses are audio again.
     ``record_audio=False`` keeps neither input_audio_buffer.append events in events_in nor
     their bytes in audio_in (VAD still runs): for long benchmarks, where they add up.
+
+    Responses that end badly, as real ones do: ``response_fault`` applies to every response
+    of every session, ``response_faults`` maps a response index to its fault; either names
+    one of RESPONSE_FAULTS: ``server_error`` and ``rate_limit`` (``response.done`` status
+    failed, with status_details.error), ``max_output_tokens`` and ``content_filter``
+    (status incomplete after half the audio). ``transcription_fault=True`` answers every
+    caller turn with ``conversation.item.input_audio_transcription.failed``.
+
+    Strictness: every client event is checked against the official SDK's types; a field they
+    do not know, or a wrong type, gets the ``error`` the real API sends (and is listed in the
+    session's ``refused``). Every server event is checked the same way before it leaves: one
+    the SDK would refuse raises FakeBug and is listed in ``invalid_sent``.
     """
 
     def __init__(self, *, api_key: str = "test-key", reply_audio: ReplyAudio = None,
@@ -763,9 +856,14 @@ class FakeRealtime:
                  pace: float = 0.0, silence_ms: int = 400,
                  function_calls: Sequence[tuple[str, str]] = (), first_call_response: int = 0,
                  fault: str | None = None, record_audio: bool = True,
+                 response_fault: str | None = None, response_faults: Mapping[int, str] | None = None,
+                 transcription_fault: bool = False,
                  host: str = "127.0.0.1", port: int = 0) -> None:
         if fault is not None and fault not in FAULTS:
             raise ValueError(f"fault={fault!r}: expected None or one of {sorted(FAULTS)}")
+        for kind in [response_fault, *(response_faults or {}).values()]:
+            if kind is not None and kind not in RESPONSE_FAULTS:
+                raise ValueError(f"response fault {kind!r}: expected one of {sorted(RESPONSE_FAULTS)}")
         if chunk_ms <= 0:
             raise ValueError(f"chunk_ms={chunk_ms!r}: expected a positive number of ms")
         self.api_key, self.reply_audio, self.reply_text = api_key, reply_audio, reply_text
@@ -773,6 +871,9 @@ class FakeRealtime:
         self.function_calls = list(function_calls)
         self.first_call_response = first_call_response
         self.fault, self.record_audio = fault, record_audio
+        self.response_fault, self.response_faults = response_fault, dict(response_faults or {})
+        self.transcription_fault = transcription_fault
+        self.invalid_sent: list[tuple[dict, Any]] = []  # server events the SDK refused (bugs)
         self.host, self.port = host, port
         self.connections = 0
         self.sessions: list[FakeSession] = []
@@ -837,6 +938,9 @@ class FakeRealtime:
             return bytes(self.reply_audio(session_index, response_index))
         return bytes(self.reply_audio)
 
+    def response_fault_for(self, response_index: int) -> str | None:
+        return self.response_faults.get(response_index, self.response_fault)
+
     def function_call_for(self, response_index: int) -> tuple[str, str] | None:
         k = response_index - self.first_call_response
         return self.function_calls[k] if 0 <= k < len(self.function_calls) else None
@@ -896,6 +1000,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         metavar=("NAME", "ARGUMENTS_JSON"))
     parser.add_argument("--first-call-response", type=int, default=0)
     parser.add_argument("--fault", choices=sorted(FAULTS))
+    parser.add_argument("--response-fault", choices=sorted(RESPONSE_FAULTS),
+                        help="every response ends this way")
+    parser.add_argument("--response-fault-at", nargs=2, action="append", default=[],
+                        metavar=("INDEX", "FAULT"), help="response number INDEX (0-based) ends this way")
+    parser.add_argument("--transcription-fault", action="store_true",
+                        help="every caller turn's transcription fails")
     return parser.parse_args(argv)
 
 
@@ -905,6 +1015,9 @@ async def _serve(args: argparse.Namespace) -> None:
         pace=args.pace, silence_ms=args.silence_ms,
         function_calls=[tuple(call) for call in args.function_call],
         first_call_response=args.first_call_response, fault=args.fault,
+        response_fault=args.response_fault,
+        response_faults={int(index): kind for index, kind in args.response_fault_at},
+        transcription_fault=args.transcription_fault,
         host=args.host, port=args.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 import subprocess
 import sys
 
@@ -94,3 +96,32 @@ def test_bad_value_stops_the_server_with_its_name():
                             env={"PATH": "/usr/bin:/bin", "RATE_LIMIT_PHONE_WINDOW_MS": "soon"}, timeout=60)
     assert result.returncode == 2
     assert "RATE_LIMIT_PHONE_WINDOW_MS='soon' must be a whole number" in result.stderr
+
+
+def _sdk_deprecated(model_class) -> set[str]:
+    """The values the openai SDK lists under "Deprecated values:" in a model field's docstring."""
+    source = inspect.getsource(model_class)
+    block = source[source.index("Deprecated values:"):].split('"""')[0]
+    return set(re.findall(r'"([^"]+)"', block))
+
+
+def test_the_deprecation_table_matches_the_sdk_and_the_defaults_are_current():
+    """Every model the SDK lists as deprecated is warned about, and the defaults are none of them."""
+    from openai.types.realtime import AudioTranscription, RealtimeSessionCreateRequest
+
+    from config import DEPRECATED_REALTIME_MODELS, DEPRECATED_TRANSCRIPTION_MODELS
+
+    assert _sdk_deprecated(RealtimeSessionCreateRequest) == set(DEPRECATED_REALTIME_MODELS)
+    assert _sdk_deprecated(AudioTranscription) == set(DEPRECATED_TRANSCRIPTION_MODELS)
+    s = Settings.from_env({"PHONE_ENCRYPTION_KEY": STRONG_KEY})
+    assert s.openai_realtime_model not in DEPRECATED_REALTIME_MODELS
+    assert s.openai_transcription_model not in DEPRECATED_TRANSCRIPTION_MODELS
+    assert s.warnings == ()
+
+
+def test_a_deprecated_model_is_warned_about_with_its_shutdown_date():
+    """A configured model with an announced shutdown gives a start-up warning naming it and the date."""
+    s = Settings.from_env({"PHONE_ENCRYPTION_KEY": STRONG_KEY, "OPENAI_REALTIME_MODEL": "gpt-realtime",
+                           "OPENAI_TRANSCRIPTION_MODEL": "gpt-4o-mini-transcribe"})
+    assert any("OPENAI_REALTIME_MODEL=gpt-realtime" in w and "2027-01-20" in w for w in s.warnings)
+    assert any("OPENAI_TRANSCRIPTION_MODEL=gpt-4o-mini-transcribe" in w and "2027-02-26" in w for w in s.warnings)

@@ -11,7 +11,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, ConnectionClosedError, InvalidStatus
 
-from tools.fake_realtime import FakeRealtime, is_speech
+from tools.fake_realtime import FakeBug, FakeRealtime, is_speech
+from tools.realtime_types import check_server_event
 
 UNIT = 0.1  # seconds; waits for "nothing arrives" are small multiples of it
 GA_SESSION = {
@@ -456,3 +457,140 @@ def test_unknown_fault_is_refused():
     """A misspelt fault fails at construction, naming the choices."""
     with pytest.raises(ValueError, match="fault='stal'"):
         FakeRealtime(fault="stal")
+
+
+# ---------------------------------------------------------------- strictness (the SDK's types)
+
+
+@pytest.mark.parametrize(("event", "code", "param"), [
+    ({"type": "response.create", "response": {"instructions": "x", "temperature": 0.7}},
+     "unknown_parameter", "response.temperature"),
+    ({"type": "conversation.item.create", "item": {"type": "message", "role": "user",
+                                                   "content": [{"type": "input_text", "text": 5}]}},
+     "invalid_type", "item.content[0].text"),
+    ({"type": "conversation.item.truncate", "item_id": "item_x", "content_index": 0},
+     "missing_required_parameter", "audio_end_ms"),
+    ({"type": "input_audio_buffer.append", "audio": "AAAA", "format": "pcmu"},
+     "unknown_parameter", "format"),
+])
+async def test_client_events_the_sdk_refuses_get_the_real_error(event, code, param):
+    """An unknown field, a wrong type or a missing field gets the API's error shape, naming
+    the parameter and echoing the client's event_id; the event is listed as refused and
+    has no effect."""
+    async with FakeRealtime() as fake, client(fake) as ws:
+        await ready(ws)
+        await send(ws, {**event, "event_id": "evt_mine"})
+        error = await recv(ws)
+        assert error["type"] == "error" and error["event_id"].startswith("event_")
+        assert error["error"]["type"] == "invalid_request_error"
+        assert (error["error"]["code"], error["error"]["param"], error["error"]["event_id"]) == (code, param, "evt_mine")
+        session = await fake.wait_for_session()
+        assert [e["event_id"] for e, _ in session.refused] == ["evt_mine"]
+        assert session.response_instructions == [] and session.truncates == []
+
+
+async def test_every_server_event_validates_against_the_sdk():
+    """Over a session with speech, a reply, a function call and a truncation, every event the
+    fake sent validates against the SDK's server-event types with no unknown field (pcmu
+    carries no rate; a transcription carries its usage)."""
+    async with FakeRealtime(silence_ms=100, function_calls=[("lookup", "{}")], first_call_response=1) as fake, \
+            client(fake) as ws:
+        updated = await ready(ws)
+        assert updated["session"]["audio"]["input"]["format"] == {"type": "audio/pcmu"}
+        await send(ws, {"type": "response.create"})
+        await recv_until(ws, "response.done")
+        await append(ws, TONE * 10 + SILENCE * 5)
+        events = await recv_until(ws, "response.done")
+        completed = of_type(events, "conversation.item.input_audio_transcription.completed")[0]
+        assert completed["usage"] == {"type": "duration", "seconds": 0.2}
+        session = await fake.wait_for_session()
+    assert fake.invalid_sent == []
+    assert [check_server_event(e) for e in session.events_out] == [None] * len(session.events_out)
+
+
+async def test_a_server_event_the_sdk_refuses_is_a_bug_in_the_fake():
+    """The fake refuses to send an event the SDK's types refuse, and says so."""
+    async with FakeRealtime() as fake, client(fake) as ws:
+        await recv(ws)
+        session = await fake.wait_for_session()
+        with pytest.raises(FakeBug, match="usage"):
+            await session.send({"type": "conversation.item.input_audio_transcription.completed",
+                                "item_id": "item_1", "content_index": 0, "transcript": "hi"})
+        assert len(fake.invalid_sent) == 1
+
+
+@pytest.mark.parametrize(("fault", "error"), [
+    ("server_error", {"type": "server_error", "code": "server_error"}),
+    ("rate_limit", {"type": "invalid_request_error", "code": "rate_limit_exceeded"}),
+])
+async def test_failed_responses_look_like_the_real_ones(fault, error):
+    """A failed response: response.created, then response.done with status failed, no
+    output, and the error in status_details; a rate limit also reports none left."""
+    async with FakeRealtime(response_fault=fault) as fake, client(fake) as ws:
+        await ready(ws)
+        await send(ws, {"type": "response.create"})
+        events = await recv_until(ws, "response.done")
+        done = events[-1]["response"]
+        assert events[0]["type"] == "response.created"
+        assert (done["status"], done["output"]) == ("failed", [])
+        assert done["status_details"]["type"] == "failed"
+        assert {k: done["status_details"]["error"][k] for k in ("type", "code")} == error
+        assert audio_of(events) == b""
+        limits = [e for e in events if e["type"] == "rate_limits.updated"]
+        assert [[lim["remaining"] for lim in e["rate_limits"]] for e in limits] == (
+            [[0, 0]] if fault == "rate_limit" else [])
+        # The response is over: another may be asked for at once.
+        await send(ws, {"type": "response.create"})
+        assert (await recv_until(ws, "response.done"))[-1]["response"]["status"] == "failed"
+    assert fake.invalid_sent == []
+
+
+@pytest.mark.parametrize("reason", ["max_output_tokens", "content_filter"])
+async def test_incomplete_responses_stop_halfway_with_their_reason(reason):
+    """An incomplete response carries half its audio, an incomplete item, and the reason."""
+    reply = bytes(range(256)) * 25  # 800 ms: 8 chunks of 100 ms
+    async with FakeRealtime(response_faults={0: reason}, reply_audio=reply) as fake, client(fake) as ws:
+        await ready(ws)
+        await send(ws, {"type": "response.create"})
+        events = await recv_until(ws, "response.done")
+        done = events[-1]["response"]
+        assert (done["status"], done["status_details"]) == ("incomplete", {"type": "incomplete", "reason": reason})
+        assert done["output"][0]["status"] == "incomplete"
+        assert audio_of(events) == reply[:3200]
+        await send(ws, {"type": "response.create"})  # only response 0 was faulty
+        assert audio_of(await recv_until(ws, "response.done")) == reply
+    assert fake.invalid_sent == []
+
+
+async def test_a_failed_transcription_looks_like_the_real_one():
+    """transcription_fault: the turn is committed as usual, then its transcription fails with
+    an error object instead of completing (and no delta comes first)."""
+    async with FakeRealtime(silence_ms=100, transcription_fault=True) as fake, client(fake) as ws:
+        await ready(ws)
+        await append(ws, TONE * 10 + SILENCE * 5)
+        events = await recv_until(ws, "conversation.item.input_audio_transcription.failed")
+        failed = events[-1]
+        committed = of_type(events, "input_audio_buffer.committed")[0]
+        assert failed["item_id"] == committed["item_id"] and failed["content_index"] == 0
+        assert failed["error"]["code"] == "audio_unintelligible" and failed["error"]["type"] == "invalid_request_error"
+        assert of_type(events, "conversation.item.input_audio_transcription.delta") == []
+    assert fake.invalid_sent == []
+
+
+async def test_response_instructions_replace_the_sessions_for_that_response():
+    """A response.create with instructions is made with those, not the session's; one
+    without uses the session's (what a greeting must rely on to keep its persona)."""
+    async with FakeRealtime() as fake, client(fake) as ws:
+        await ready(ws, {**GA_SESSION, "instructions": "You are Ada, a recruiter."})
+        await send(ws, {"type": "response.create", "response": {"instructions": "Say hi."}})
+        await recv_until(ws, "response.done")
+        await send(ws, {"type": "response.create"})
+        await recv_until(ws, "response.done")
+        session = await fake.wait_for_session()
+    assert session.response_instructions == ["Say hi.", "You are Ada, a recruiter."]
+
+
+def test_unknown_response_fault_is_refused():
+    """A misspelt response fault fails at construction, naming the choices."""
+    with pytest.raises(ValueError, match="response fault 'timeout'"):
+        FakeRealtime(response_faults={0: "timeout"})

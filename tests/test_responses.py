@@ -1,0 +1,90 @@
+"""bridge/responses.py: when the bridge may ask for a response, as plain state."""
+
+from __future__ import annotations
+
+from bridge.responses import ASK_PREFIX, Asker, Outcome
+
+
+def test_an_ask_goes_out_at_once_when_nothing_is_active():
+    """With no response active, an ask is sent now, under an event_id of ours."""
+    asker = Asker()
+    event_id = asker.ask()
+    assert event_id is not None and event_id.startswith(ASK_PREFIX)
+    assert asker.created("resp_1") is True and not asker.pending
+
+
+def test_an_ask_while_a_response_is_active_waits_for_its_end():
+    """An ask during a response is held, and sent when that response is done."""
+    asker = Asker()
+    asker.created("resp_vad")  # server VAD started one by itself
+    assert asker.ask("cg_item_1") is None
+    asker.item_added("cg_item_1")
+    assert asker.done("resp_vad") is not None
+    assert asker.created("resp_2") is True
+
+
+def test_a_refused_ask_is_sent_again_after_the_active_response():
+    """A refusal (another response was active) keeps the ask; it goes out once that ends."""
+    asker = Asker()
+    first = asker.ask("cg_item_1")
+    asker.created("resp_vad")  # its response.created came before our ask was processed
+    asker.item_added("cg_item_1")
+    asker.refused(first)
+    assert asker.pending
+    again = asker.done("resp_vad")
+    assert again is not None and again != first
+    assert asker.created("resp_ours") is True and not asker.pending
+
+
+def test_a_response_that_started_before_the_item_was_added_does_not_answer_it():
+    """A response created before the server added our item cannot have seen it."""
+    asker = Asker()
+    asker.ask("cg_item_1")
+    assert asker.created("resp_early") is False and asker.pending
+    asker.item_added("cg_item_1")
+    assert asker.done("resp_early") is not None
+
+
+def test_later_asks_merge_into_one():
+    """Two asks while a response is active lead to one response.create, not two."""
+    asker = Asker()
+    asker.created("resp_1")
+    asker.ask("cg_item_1")
+    asker.ask("cg_item_2")
+    asker.item_added("cg_item_1")
+    asker.item_added("cg_item_2")
+    assert asker.done("resp_1") is not None
+    assert asker.created("resp_2") is True
+    assert asker.done("resp_2") is None
+
+
+def test_a_retry_waits_for_its_release():
+    """After a failure the ask is owed again, but only goes out when the back-off ends."""
+    asker = Asker()
+    asker.ask()
+    asker.created("resp_1")
+    asker.done("resp_1")
+    asker.retry_later()
+    assert asker.ask() is None  # held: merged into the retry
+    assert asker.release() is not None
+
+
+def test_speech_during_a_back_off_answers_the_retry():
+    """A response the caller's speech started during the back-off answers the retry."""
+    asker = Asker()
+    asker.retry_later()
+    assert asker.created("resp_vad") is True
+    asker.done("resp_vad")
+    assert asker.release() is None
+
+
+def test_outcomes_read_every_status_the_sdk_defines():
+    """response.done → status, reason, error type and code."""
+    failed = Outcome.of({"response": {"id": "r1", "status": "failed", "status_details": {
+        "type": "failed", "error": {"type": "server_error", "code": "server_error"}}}})
+    cut = Outcome.of({"response": {"id": "r2", "status": "incomplete", "status_details": {
+        "type": "incomplete", "reason": "content_filter"}}})
+    plain = Outcome.of({"response": {"id": "r3", "status": "completed", "status_details": None}})
+    assert (failed.failed, failed.error_type, failed.error_code) == (True, "server_error", "server_error")
+    assert (cut.status, cut.reason, cut.failed) == ("incomplete", "content_filter", False)
+    assert (plain.status, plain.reason, plain.error_code) == ("completed", None, None)

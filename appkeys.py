@@ -16,6 +16,7 @@ from config import Settings
 from db.calls import CallStore
 from db.database import Database
 from limiter.limiter import Limiter
+from logsetup import Throttled
 from metrics import Metrics
 from twilio_rest import TwilioRest
 
@@ -81,3 +82,4 @@ TOKEN_SECRET = web.AppKey("token_secret", bytes)
 HTTP = web.AppKey("http", aiohttp.ClientSession)  # outgoing HTTP (Turnstile)
 FRONTEND = web.AppKey("frontend", FrontendState)
 FANOUT = web.AppKey("fanout", PgFanout)
+REFUSALS = web.AppKey("refusals", Throttled)  # log lines for refused requests, throttled per reason

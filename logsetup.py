@@ -36,3 +36,30 @@ def configure(log_format: str = "text", level: str = "info") -> None:
     # twilio-python logs each REST request at INFO, parameters included: a placed call's To
     # and From are phone numbers, which never go to our logs.
     logging.getLogger("twilio").setLevel(logging.WARNING)
+
+
+class Throttled:
+    """Log lines that a client can cause at will (refused requests) at most once per
+    ``every_s`` per key, so a client retrying in a loop cannot flood the log; the next line
+    for a key says how many were left out since the last."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 10.0, max_keys: int = 1000) -> None:
+        self._log = logger
+        self._every = every_s
+        self._max_keys = max_keys
+        self._last: dict[str, tuple[float, int]] = {}  # key → (when last logged, left out since)
+
+    def warning(self, key: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        last, left_out = self._last.get(key, (float("-inf"), 0))
+        if now - last < self._every:
+            self._last[key] = (last, left_out + 1)
+            return
+        if len(self._last) >= self._max_keys:  # bounded: forget the oldest keys
+            for old in sorted(self._last, key=lambda k: self._last[k][0])[:self._max_keys // 10]:
+                del self._last[old]
+        self._last[key] = (now, 0)
+        if left_out:
+            message += " (%d like it not logged in the last %.0f s)"
+            args = (*args, left_out, now - last)
+        self._log.warning(message, *args)

@@ -26,7 +26,7 @@ from aiohttp import WSCloseCode, web
 import logsetup
 import scenarios
 from appkeys import (BUS, CALL_SERVICES, CALL_STORE, CALLS, DATABASE, FANOUT, FRONTEND, HTTP, LIFECYCLE, LIMITER,
-                     METRICS, SETTINGS, TOKEN_SECRET, TWILIO_REST, FrontendState, Lifecycle)
+                     METRICS, REFUSALS, SETTINGS, TOKEN_SECRET, TWILIO_REST, FrontendState, Lifecycle)
 from bridge import functions, tokens
 from bridge.call import CallServices
 from bridge.events import STATUS_RANK, EventBus
@@ -43,6 +43,7 @@ from handlers import twilio as twilio_handlers
 from limiter.limiter import Limiter, Regions
 from limiter.phone import PhoneKeyer
 from limiter.rules import Rules
+from logsetup import Throttled
 from metrics import Metrics
 from twilio_rest import TwilioRest
 
@@ -81,6 +82,7 @@ def create_app(settings: Settings) -> web.Application:
     app[BUS] = EventBus()
     app[CALLS] = {}
     app[FRONTEND] = FrontendState()
+    app[REFUSALS] = Throttled(logging.getLogger("callgate.refused"))
     app[INDEX_HTML] = render_index(settings)
     app[TOKEN_SECRET] = tokens.derive_secret(settings.phone_key.value)
     connector = model_connector(settings)

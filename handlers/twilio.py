@@ -1,9 +1,11 @@
 """Twilio's edges: the voice webhook (``/twiml``), the status callback (``/twilio/status``) and
 the Media Stream WebSocket (``/call``).
 
-Every request from Twilio is checked against ``X-Twilio-Signature`` when an auth token is set,
-over the URL Twilio used (``PUBLIC_URL`` + path + query: behind a proxy our own view of the
-URL differs). A missing or bad signature is a 403, never a 500.
+Every request from Twilio is checked against ``X-Twilio-Signature`` when an auth token (or a
+Webhooks rule's shared key) is set, over the URL Twilio used (``PUBLIC_URL`` + path + query:
+behind a proxy our own view of the URL differs), with HMAC-SHA1 or, as a Webhooks rule says
+in ``X-Twilio-Webhooks-Signature-Settings``, HMAC-SHA256. A missing or bad signature is a 403,
+never a 500.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import WSMsgType, web
-from twilio.request_validator import RequestValidator
+from twilio.request_validator import (HMAC_SHA1, HMAC_SHA256, SIGNATURE_SETTINGS_HEADER, RequestValidator,
+                                      get_signature_algorithm)
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
 import scenarios
-from appkeys import BUS, CALL_SERVICES, CALL_STORE, CALLS, LIFECYCLE, LIMITER, METRICS, SETTINGS, TOKEN_SECRET
+from appkeys import (BUS, CALL_SERVICES, CALL_STORE, CALLS, LIFECYCLE, LIMITER, METRICS, REFUSALS, SETTINGS,
+                     TOKEN_SECRET)
 from bridge import events, tokens
 from bridge import twilio as wire
 from bridge.call import Call, CallSetup
@@ -58,14 +62,33 @@ def stream_url(public_url: str) -> str:
 
 
 def check_signature(request: web.Request, url: str, params: Mapping[str, str]) -> None:
-    """Raise 403 unless the request carries Twilio's signature for ``url`` + ``params``."""
-    token = request.app[SETTINGS].twilio_auth_token
-    if not token:
+    """Raise 403 unless the request carries Twilio's signature for ``url`` + ``params``.
+
+    Twilio signs with HMAC-SHA1 and the auth token by default. An account with a Webhooks
+    rule signs with the rule's shared key instead, and names the algorithm (HMAC_SHA1 or
+    HMAC_SHA256) in X-Twilio-Webhooks-Signature-Settings. A request naming an algorithm we
+    cannot check, or whose key we do not have, is refused with a log line that says so."""
+    settings, refusals = request.app[SETTINGS], request.app[REFUSALS]
+    if not (settings.twilio_auth_token or settings.twilio_shared_key):
         return  # development without an auth token: announced at start
     signature = request.headers.get("X-Twilio-Signature")
     if not signature:
         raise web.HTTPForbidden(text="missing X-Twilio-Signature")
-    if not RequestValidator(token.value).validate(url, params, signature):
+    rule = request.headers.get(SIGNATURE_SETTINGS_HEADER)
+    algorithm = get_signature_algorithm(rule).upper()
+    if algorithm not in (HMAC_SHA1, HMAC_SHA256):
+        refusals.warning(f"algorithm:{algorithm[:20]}", "request to %s refused: signed with %r, which Twilio's "
+                          "library here cannot check (upgrade twilio)", request.path, algorithm[:40])
+        raise web.HTTPForbidden(text=f"unsupported signature algorithm {algorithm[:40]}")
+    key = settings.twilio_shared_key if rule is not None else settings.twilio_auth_token
+    if not key:
+        missing = "TWILIO_WEBHOOK_SHARED_KEY" if rule is not None else "TWILIO_AUTH_TOKEN"
+        refusals.warning(f"key:{missing}", "request to %s refused: it is signed (%s) with a key this server "
+                          "does not have: set %s", request.path, algorithm, missing)
+        raise web.HTTPForbidden(text=f"signed with a key this server does not have ({missing})")
+    if not RequestValidator(key.value).validate(url, params, signature, algorithm):
+        refusals.warning("mismatch", "request to %s refused: X-Twilio-Signature (%s) does not match; check "
+                          "PUBLIC_URL and the signing key", request.path, algorithm)
         raise web.HTTPForbidden(text="X-Twilio-Signature does not match")
 
 

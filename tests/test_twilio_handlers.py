@@ -50,6 +50,48 @@ async def test_unsigned_forged_and_wrong_url_requests_are_403(dsn, path):
     assert model.connections == 0
 
 
+SHARED_KEY = "webhooks-rule-shared-secret"
+SHA256_RULE = {"X-Twilio-Webhooks-Signature-Settings": "key=webhooks_sharedkey_1,algorithm=HMAC_SHA256"}
+
+
+async def test_hmac_sha256_signatures_of_a_webhooks_rule_are_accepted_everywhere(dsn):
+    """An account with a Webhooks rule signs with its shared key and HMAC-SHA256: the webhook,
+    the media-stream upgrade and the status callback are all accepted, and the call runs."""
+    async with FakeRealtime() as model, callgate(dsn, model=model, TWILIO_WEBHOOK_SHARED_KEY=SHARED_KEY) as h:
+        call = h.call(audio=b"", shared_key=SHARED_KEY, algorithm="HMAC_SHA256")
+        twiml = await call.webhook()
+        assert twiml.stream_url
+        await call.connect()
+        await call.wait_for_audio(800)
+        await call.stop()
+        form = dict(FORM, CallSid=call.call_sid, CallStatus="completed")
+        signature = RequestValidator(SHARED_KEY).compute_signature(PUBLIC_URL + "/twilio/status", form, "HMAC_SHA256")
+        async with aiohttp.ClientSession() as session:
+            async with session.post(h.url + "/twilio/status", data=form,
+                                    headers={"X-Twilio-Signature": signature, **SHA256_RULE}) as resp:
+                callback = resp.status
+    assert callback == 204 and not call.errors
+
+
+@pytest.mark.parametrize(("rule", "key", "why"), [
+    (SHA256_RULE, None, "set TWILIO_WEBHOOK_SHARED_KEY"),
+    (SHA256_RULE, "some-other-key", "does not match"),
+    ({"X-Twilio-Webhooks-Signature-Settings": "key=k,algorithm=HMAC_SHA512"}, SHARED_KEY, "cannot check"),
+])
+async def test_a_signature_we_cannot_check_is_403_with_a_log_line(dsn, caplog, rule, key, why):
+    """Signed with a key this server lacks, a wrong one, or an algorithm it cannot check: a
+    403, and a log line that says which."""
+    env = {"TWILIO_WEBHOOK_SHARED_KEY": SHARED_KEY} if key is not None else {}
+    async with callgate(dsn, **env) as h:
+        signature = RequestValidator(key or SHARED_KEY).compute_signature(PUBLIC_URL + "/twiml", FORM, "HMAC_SHA256")
+        async with aiohttp.ClientSession() as session:
+            async with session.post(h.url + "/twiml", data=FORM,
+                                    headers={"X-Twilio-Signature": signature, **rule}) as resp:
+                status = resp.status
+    assert status == 403
+    assert why in caplog.text
+
+
 async def test_media_stream_handshake_needs_twilios_signature(dsn):
     """The /call upgrade without a valid signature is refused before any model connection."""
     async with FakeRealtime() as model, callgate(dsn, model=model) as h:

@@ -282,7 +282,9 @@ class SimulatedCall:
 
     ``server_url`` is where requests go; ``public_url`` is the URL the server believes it
     has (its PUBLIC_URL), over which signatures are computed. ``auth_token`` None sends
-    no signatures. ``speed`` scales both the sending of caller audio and the playout of
+    no signatures; ``shared_key`` signs as an account with a Webhooks rule does, with that
+    key and ``algorithm`` (HMAC_SHA1 or HMAC_SHA256), naming both in
+    X-Twilio-Webhooks-Signature-Settings. ``speed`` scales both the sending of caller audio and the playout of
     the server's audio (4.0: a 20 ms frame every 5 ms). ``audio`` (raw μ-law) defaults
     to the committed ``tools/audio/hello.ulaw``; pass ``b""`` for a silent caller.
 
@@ -297,7 +299,8 @@ class SimulatedCall:
                  account_sid: str | None = None, from_: str = "+14155550100",
                  to: str = "+14155550199", direction: str = "inbound",
                  audio: bytes | None = None, speed: float = 1.0, tail_silence_ms: int = 1000,
-                 extra_params: dict[str, str] | None = None) -> None:
+                 extra_params: dict[str, str] | None = None,
+                 shared_key: str | None = None, algorithm: str = "HMAC_SHA1") -> None:
         if speed <= 0:
             raise ValueError(f"speed must be positive, got {speed}")
         if tail_silence_ms < 0:
@@ -327,7 +330,14 @@ class SimulatedCall:
         self.closed_code: int | None = None
         self.closed_reason: str | None = None
 
-        self._validator = RequestValidator(auth_token) if auth_token is not None else None
+        # An account with a Webhooks rule signs with the rule's shared key (HMAC-SHA1 or -SHA256)
+        # and says so in a header; without one, with the auth token and HMAC-SHA1.
+        key = shared_key if shared_key is not None else auth_token
+        self._validator = RequestValidator(key) if key is not None else None
+        self._algorithm = algorithm
+        self._signature_headers = ({"X-Twilio-Webhooks-Signature-Settings":
+                                    f"key=webhooks_sharedkey_simulated,algorithm={algorithm}"}
+                                   if shared_key is not None else {})
         self._session: aiohttp.ClientSession | None = None
         self._ws: websockets.ClientConnection | None = None
         self._tasks: list[asyncio.Task] = []
@@ -384,7 +394,8 @@ class SimulatedCall:
                    "I-Twilio-Idempotency-Token": str(uuid.uuid4())}
         if self._validator is not None:
             headers["X-Twilio-Signature"] = self._validator.compute_signature(
-                self.public_url + path, form)
+                self.public_url + path, form, self._algorithm)
+            headers.update(self._signature_headers)
         if self._session is None:
             # Twilio gives a webhook 15 s before it gives up.
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
@@ -425,7 +436,8 @@ class SimulatedCall:
         self._check_stream_url(stream_url)
         headers = {}
         if self._validator is not None:
-            headers["X-Twilio-Signature"] = self._validator.compute_signature(stream_url, {})
+            headers["X-Twilio-Signature"] = self._validator.compute_signature(stream_url, {}, self._algorithm)
+            headers.update(self._signature_headers)
         self._ws = await websockets.connect(
             self.socket_url(stream_url), additional_headers=headers,
             user_agent_header="Twilio.TmeWs/1.0", compression=None, proxy=None,
@@ -736,6 +748,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--path", default="/twiml", help="webhook path (default %(default)s)")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="an extra webhook form field (repeatable)")
+    parser.add_argument("--shared-key", default=None,
+                        help="sign as an account with a Webhooks rule: with this shared key")
+    parser.add_argument("--algorithm", default="HMAC_SHA1", choices=["HMAC_SHA1", "HMAC_SHA256"],
+                        help="the Webhooks rule's algorithm (with --shared-key)")
     return parser.parse_args(argv)
 
 
@@ -745,7 +761,8 @@ async def _main(args: argparse.Namespace) -> int:
                          call_sid=args.call_sid, account_sid=args.account_sid,
                          from_=args.from_, to=args.to, direction=args.direction,
                          audio=load_audio(args.audio), speed=args.speed,
-                         tail_silence_ms=args.tail_silence_ms, extra_params=extra)
+                         tail_silence_ms=args.tail_silence_ms, extra_params=extra,
+                         shared_key=args.shared_key, algorithm=args.algorithm)
     async with call:
         report = await call.run(args.path, hangup_after_ms=args.hangup_after_ms)
     print(report.format())

@@ -13,6 +13,13 @@ from limiter.rules import Decision
 __all__ = ["Metrics", "CONTENT_TYPE_LATEST"]
 
 
+# Codes and reasons of failed and incomplete responses that get a label of their own.
+KNOWN_RESPONSE_CODES = frozenset({
+    "server_error", "rate_limit_exceeded", "inference_rate_limit_exceeded", "insufficient_quota",
+    "max_output_tokens", "content_filter",
+})
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -45,6 +52,13 @@ class Metrics:
             registry=self.registry,
         )
         self.open_sockets = Gauge("callgate_open_sockets", "Open WebSockets, by kind", ["kind"], registry=self.registry)
+        self.frontend_refused = Counter(
+            "callgate_frontend_refused_total", "/logs upgrades refused, by reason (origin, per_ip_cap, draining)",
+            ["reason"], registry=self.registry)
+        self.response_failures = Counter(
+            "callgate_model_response_failures_total",
+            "Model responses that failed or were cut short, by status (failed, incomplete) and code or reason",
+            ["status", "code"], registry=self.registry)
 
     def observe_limiter(self, op: str, decision: Decision | None, seconds: float) -> None:
         if decision is not None:
@@ -63,6 +77,11 @@ class Metrics:
             latency[direction].observe(seconds)
 
         return observe
+
+    def count_response_failure(self, status: str, code: str | None) -> None:
+        """A failed or incomplete model response. The API's codes are open-ended: only the known
+        ones become labels, the rest count as "other" (a label set must stay small)."""
+        self.response_failures.labels(status, code if code in KNOWN_RESPONSE_CODES else "other").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -38,7 +38,7 @@ from db.calls import CallStore, CallStoreUnavailable
 from db.database import open_database
 from db.migrate import migrate
 from db.sql import Queries
-from handlers import admin, frontend, health
+from handlers import admin, cors, frontend, health
 from handlers import twilio as twilio_handlers
 from limiter.limiter import Limiter, Regions
 from limiter.phone import PhoneKeyer
@@ -75,7 +75,7 @@ def model_connector(settings: Settings) -> ModelConnector:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024)
+    app = web.Application(client_max_size=64 * 1024, middlewares=[cors.cors])
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
     app[LIFECYCLE] = Lifecycle()
@@ -221,6 +221,7 @@ def call_services(settings: Settings, app: web.Application, connector: ModelConn
         wrap_up_s=min(WRAP_UP_S, duration / 4),
         ready_timeout_s=settings.model_ready_timeout_ms / 1000,
         observe_frame=app[METRICS].frame_observer(),
+        count_response_failure=app[METRICS].count_response_failure,
     )
 
 
@@ -251,12 +252,14 @@ async def index(request: web.Request) -> web.Response:
 
 
 async def list_scenarios(request: web.Request) -> web.Response:
-    return web.json_response({"scenarios": [s.schema() for s in scenarios.SCENARIOS.values()],
-                              "default": scenarios.DEFAULT_SCENARIO})
+    """phone-screen's shape: a bare array, the default scenario first."""
+    ordered = sorted(scenarios.SCENARIOS.values(), key=lambda s: s.id != scenarios.DEFAULT_SCENARIO)
+    return web.json_response([s.schema() for s in ordered])
 
 
 async def list_tools(request: web.Request) -> web.Response:
-    return web.json_response({"tools": functions.schemas()})
+    """phone-screen's shape: a bare array of function schemas."""
+    return web.json_response(functions.schemas())
 
 
 async def public_url(request: web.Request) -> web.Response:

@@ -92,6 +92,8 @@ class CallServices:
     wrap_up_s: float = 20.0
     ready_timeout_s: float = 10.0
     observe_frame: Callable[[str, float], None] = lambda direction, seconds: None
+    # (status, code or reason) of each failed or incomplete response, for /metrics
+    count_response_failure: Callable[[str, str | None], None] = lambda status, code: None
 
 
 @dataclass
@@ -369,6 +371,8 @@ class Call:
         failed is asked for again after a back-off, then the call is given up; incomplete
         (out of output tokens, or the content filter) gets one note to the model."""
         is_goodbye = outcome.response_id == self._goodbye_response
+        if outcome.status in ("failed", "incomplete"):
+            self._services.count_response_failure(outcome.status, outcome.error_code or outcome.reason)
         if outcome.failed:
             self._failures += 1
             log.warning("call %s: response failed (%s, %s), %d in a row", self.call_sid,

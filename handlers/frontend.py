@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import secrets
 import time
@@ -20,7 +21,8 @@ from aiohttp import WSMsgType, web
 
 import scenarios
 import turnstile
-from appkeys import BUS, CALL_STORE, CALLS, FRONTEND, HTTP, LIFECYCLE, LIMITER, METRICS, SETTINGS, TOKEN_SECRET, TWILIO_REST
+from appkeys import (BUS, CALL_STORE, CALLS, FRONTEND, HTTP, LIFECYCLE, LIMITER, METRICS, REFUSALS, SETTINGS,
+                     TOKEN_SECRET, TWILIO_REST)
 from bridge import events, tokens
 from config import normalise_origin
 from db.calls import CallStoreUnavailable
@@ -52,16 +54,32 @@ def origin_allowed(request: web.Request) -> bool:
     return normalise_origin(origin) in request.app[SETTINGS].allowed_origins
 
 
+def _refuse(request: web.Request, reason: str, ip: str, error: type[web.HTTPException], text: str) -> web.HTTPException:
+    """A refused upgrade: counted by reason, and logged (throttled: a client reconnecting in a
+    loop makes one line every few seconds, with a count) with a hash of the address, never
+    the address itself."""
+    request.app[METRICS].frontend_refused.labels(reason).inc()
+    origin = (request.headers.get("Origin") or "none")[:80]
+    request.app[REFUSALS].warning(f"logs:{reason}", "/logs upgrade refused (%s): origin %r, client %s", reason,
+                                  origin, _address_hash(ip))
+    return error(text=text)
+
+
+def _address_hash(ip: str) -> str:
+    return hashlib.sha256(b"callgate client address|" + ip.encode()).hexdigest()[:10]
+
+
 async def logs(request: web.Request) -> web.StreamResponse:
     app = request.app
-    if not origin_allowed(request):
-        raise web.HTTPForbidden(text="origin not allowed: add it to ALLOWED_ORIGINS")
-    if app[LIFECYCLE].draining:
-        raise web.HTTPServiceUnavailable(text="shutting down: connect again in a moment")
-    state = app[FRONTEND]
     ip = client_ip(request)
+    if not origin_allowed(request):
+        raise _refuse(request, "origin", ip, web.HTTPForbidden, "origin not allowed: add it to ALLOWED_ORIGINS")
+    if app[LIFECYCLE].draining:
+        raise _refuse(request, "draining", ip, web.HTTPServiceUnavailable, "shutting down: connect again in a moment")
+    state = app[FRONTEND]
     if state.per_ip[ip] >= app[SETTINGS].max_connections_per_ip:
-        raise web.HTTPForbidden(text="too many open connections from this address")
+        raise _refuse(request, "per_ip_cap", ip, web.HTTPForbidden,
+                      f"too many open connections from this address (at most {app[SETTINGS].max_connections_per_ip})")
     # Counted before the upgrade completes: the next upgrade from this address may be handled
     # while this one is still sending its 101.
     state.per_ip[ip] += 1
@@ -86,6 +104,23 @@ async def logs(request: web.Request) -> web.StreamResponse:
 
 def _error(code: str, message: str) -> dict[str, Any]:
     return {"type": "error", "code": code, "message": message}
+
+
+# What phone-screen's webapp sends that Callgate refuses on purpose, and what to do instead.
+REFUSED_ON_PURPOSE = {
+    "session.update": (
+        "raw model events are not accepted from frontends: the server sets up the model session itself "
+        "from the call's scenario; choose it with call.start (scenarioId, config, voice) or on the voice "
+        "webhook URL (?scenarioId=&config= or ?jobTitle=&company=&jobDescription=&voice=)"),
+    "scenario.configuration": (
+        "a call's scenario cannot be changed from a socket that cannot prove it owns the call: choose it "
+        "when the call is placed, with call.start (scenarioId, config, voice) or on the voice webhook URL "
+        "(?scenarioId=&config= or ?jobTitle=&company=&jobDescription=&voice=)"),
+    "job.configuration": (
+        "job.configuration is not accepted: choose the scenario when the call is placed, with call.start "
+        "(scenarioId job-interview, config {jobTitle, company, jobDescription}) or on the voice webhook URL "
+        "(?jobTitle=&company=&jobDescription=&voice=)"),
+}
 
 
 def _limit_fields(decision: Decision) -> dict[str, Any]:
@@ -192,7 +227,10 @@ class Client:
             "call.end": self._call_end,
         }.get(kind)
         if handler is None:
-            self.send(_error("unknown_type", f"unknown message type {kind[:60]!r}"))
+            if kind in REFUSED_ON_PURPOSE:
+                self.send(_error("not_supported", REFUSED_ON_PURPOSE[kind]))
+            else:
+                self.send(_error("unknown_type", f"unknown message type {kind[:60]!r}"))
             return
         await handler(message)
 
@@ -310,7 +348,8 @@ class Client:
         if call_sid is None and len(self.tokens) == 1:
             call_sid = next(iter(self.tokens))
         if not isinstance(call_sid, str) or call_sid not in self.tokens:
-            self.send(_error("forbidden", "only a client following the call with its token can end it"))
+            self.send(_error("forbidden", "only a client following the call with its token can end it: send "
+                             "call.subscribe {callSid, token} first (the token comes with call.start's queued reply)"))
             return
         call = self.app[CALLS].get(call_sid)
         if call is not None:

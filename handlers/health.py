@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 
 from aiohttp import web
 
-from appkeys import DATABASE, LIFECYCLE, LIMITER, METRICS
+from appkeys import DATABASE, FRONTEND, LIFECYCLE, LIMITER, METRICS, SETTINGS
 from config import VERSION
 from metrics import CONTENT_TYPE_LATEST
 
@@ -39,6 +39,8 @@ async def health(request: web.Request) -> web.Response:
     if lifecycle.draining:
         return web.json_response({"status": "draining"}, status=503)
     facts = await _facts(request)
+    frontend = request.app[FRONTEND]
+    cap = request.app[SETTINGS].max_connections_per_ip
     return web.json_response({
         "status": "healthy" if facts["status"] == "ok" else "degraded",
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
@@ -46,6 +48,13 @@ async def health(request: web.Request) -> web.Response:
         "activeSessions": facts["activeCalls"],
         "database": facts["database"],
         "version": VERSION,
+        # phone-screen's block. Callgate suspends no address: it refuses sockets past the
+        # per-address cap, so "suspendedIPs" counts the addresses at their cap right now.
+        "rateLimiting": {
+            "activeConnections": len(frontend.sockets) + facts["activeCalls"],
+            "activeCalls": facts["activeCalls"],
+            "suspendedIPs": sum(1 for n in frontend.per_ip.values() if n >= cap),
+        },
     })
 
 

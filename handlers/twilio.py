@@ -50,8 +50,10 @@ SAY_BUSY = "Sorry, we cannot take your call right now. Please try again in a few
 # --- signatures -----------------------------------------------------------------------------
 
 
-def public_url_for(request: web.Request, path_qs: str | None = None) -> str:
-    return request.app[SETTINGS].public_url + (request.path_qs if path_qs is None else path_qs)
+def public_url_for(request: web.Request) -> str:
+    """The URL Twilio requested, as it signed it: PUBLIC_URL + the raw path and query. (aiohttp's
+    ``path_qs`` decodes escapes such as %2C and %7E: the signature over it would not match.)"""
+    return request.app[SETTINGS].public_url + request.raw_path
 
 
 def stream_url(public_url: str) -> str:
@@ -146,7 +148,7 @@ async def twiml(request: web.Request) -> web.Response:
         return _say_and_hang_up(SAY_BUSY)
 
     try:
-        scenario, config, voice = await _call_setup(app, request, charge_id)
+        scenario, config, voice = await _call_setup(app, request, charge_id, call_sid)
     except scenarios.ScenarioError as exc:
         log.error("webhook %s: %s (check the webhook URL's ?scenario=)", call_sid, exc)
         await limiter.refund(charge_id)
@@ -166,7 +168,8 @@ async def twiml(request: web.Request) -> web.Response:
         log.warning("webhook %s refused: %d calls live already", call_sid, settings.max_concurrent_calls)
         await limiter.refund(charge_id)
         return _say_and_hang_up(SAY_BUSY)
-    params = {"scenarioId": scenario.id, "config": orjson.dumps(config).decode(), "voice": voice}
+    params = {"scenarioId": scenario.id, "voice": voice,
+              **await _config_parameter(app, call_sid, scenario, config, voice)}
     token = tokens.mint(app[TOKEN_SECRET], call_sid, params)
     response = VoiceResponse()
     connect = Connect()
@@ -178,10 +181,11 @@ async def twiml(request: web.Request) -> web.Response:
     return _twiml(response)
 
 
-async def _call_setup(app: web.Application, request: web.Request,
-                      charge_id: str) -> tuple[scenarios.Scenario, dict[str, str], str]:
+async def _call_setup(app: web.Application, request: web.Request, charge_id: str,
+                      call_sid: str) -> tuple[scenarios.Scenario, dict[str, str], str]:
     """What the agent does on this call: what call.start asked for (found by the reservation
-    id the webhook URL carries), else the webhook URL's ?scenario= with its defaults."""
+    id the webhook URL carries), else what the webhook URL's query asks for, with defaults
+    for whatever nobody filled in (``scenarios.from_query``)."""
     if "charge" in request.query:
         try:
             wanted = await app[CALL_STORE].get_request(charge_id)
@@ -190,9 +194,32 @@ async def _call_setup(app: web.Application, request: web.Request,
             log.warning("call request %s unreadable (database unavailable): default scenario", charge_id)
         if wanted is not None:
             scenario = scenarios.get(wanted["scenario_id"])
-            return scenario, scenario.validate(orjson.loads(wanted["config"])), scenario.voice(wanted["voice"])
-    scenario = scenarios.get(request.query.get("scenario"))
-    return scenario, scenario.validate({}), scenario.default_voice
+            config = scenario.validate(orjson.loads(wanted["config"]), lenient=True)
+            return scenario, config, scenario.voice(wanted["voice"], lenient=True)
+    scenario, config, voice, notes = scenarios.from_query(request.query)
+    for note in notes:
+        log.warning("webhook %s: the URL's scenario config: %s", call_sid, note)
+    return scenario, config, voice
+
+
+# Twilio bounds the length of a stream's <Parameter>s (error 31103): a config longer than this
+# (a pasted job description) is kept in PostgreSQL and the stream gets its id instead.
+MAX_CONFIG_PARAMETER = 400
+
+
+async def _config_parameter(app: web.Application, call_sid: str, scenario: scenarios.Scenario,
+                            config: dict[str, str], voice: str) -> dict[str, str]:
+    """The stream parameter that carries the call's config: ``config`` itself, or ``configRef``."""
+    config_json = orjson.dumps(config).decode()
+    if len(config_json) <= MAX_CONFIG_PARAMETER:
+        return {"config": config_json}
+    ref = f"CF{call_sid}"
+    try:
+        await app[CALL_STORE].put_request(ref, scenario.id, config_json, voice)
+    except CallStoreUnavailable:
+        log.warning("webhook %s: config not stored (database unavailable): the scenario's defaults", call_sid)
+        return {"config": "{}"}
+    return {"configRef": ref}
 
 
 # --- status callbacks -----------------------------------------------------------------------
@@ -318,8 +345,17 @@ async def _admit_stream(app: web.Application, start: wire.Start) -> CallSetup:
         raise _Refused("stream token already used")
     try:
         scenario = scenarios.get(params.get("scenarioId"))
-        config = scenario.validate(orjson.loads(params.get("config") or "{}"))
-        voice = scenario.voice(params.get("voice"))
+        config = orjson.loads(params.get("config") or "{}")
     except (scenarios.ScenarioError, orjson.JSONDecodeError) as exc:
         raise _Refused(f"bad stream parameters: {exc}") from None
-    return CallSetup(start.call_sid, start.stream_sid, scenario, config, voice)
+    if params.get("configRef"):
+        try:
+            stored = await app[CALL_STORE].get_request(params["configRef"])
+        except CallStoreUnavailable:
+            stored = None
+        if stored is None:
+            log.warning("call %s: its stored config is unreadable: the scenario's defaults", start.call_sid)
+        config = orjson.loads(stored["config"]) if stored else {}
+    # The parameters are ours (the token proves it): whatever changed since is defaulted.
+    return CallSetup(start.call_sid, start.stream_sid, scenario, scenario.validate(config, lenient=True),
+                     scenario.voice(params.get("voice"), lenient=True))

@@ -306,7 +306,8 @@ async function loadScenarios(attempt = 0) {
     const response = await fetch('/scenarios', { headers: { Accept: 'application/json' } });
     if (!response.ok) throw new Error(`the server answered ${response.status}`);
     const data = await response.json();
-    showScenarios(data.scenarios ?? [], data.default);
+    // phone-screen's shape: a bare array, the default scenario first.
+    showScenarios(Array.isArray(data) ? data : []);
     clearError('scenarios');
   } catch (err) {
     const delay = reconnectDelay(attempt);
@@ -315,11 +316,11 @@ async function loadScenarios(attempt = 0) {
   }
 }
 
-function showScenarios(scenarios, defaultId) {
-  state.scenarios = scenarios;
-  ui.scenario.replaceChildren(...scenarios.map((s) => new Option(s.name || s.id, s.id)));
-  ui.scenario.value = scenarios.some((s) => s.id === defaultId) ? defaultId : scenarios[0]?.id ?? '';
-  ui.scenario.disabled = scenarios.length === 0;
+function showScenarios(scenarios) {
+  state.scenarios = scenarios.filter((s) => s && s.id && Array.isArray(s.fields));
+  ui.scenario.replaceChildren(...state.scenarios.map((s) => new Option(s.icon ? `${s.icon} ${s.name || s.id}` : s.name || s.id, s.id)));
+  ui.scenario.value = state.scenarios[0]?.id ?? '';
+  ui.scenario.disabled = state.scenarios.length === 0;
   showScenario();
 }
 
@@ -330,23 +331,24 @@ function selectedScenario() {
 function showScenario() {
   const scenario = selectedScenario();
   ui.scenarioDescription.textContent = scenario?.description ?? '';
-  // Keep what was typed into a field of the same name (e.g. "company") across scenarios.
+  // Keep what was typed into a field of the same key (e.g. "company") across scenarios.
   const typed = Object.fromEntries([...fieldInputs()].map((input) => [input.name, input.value]));
-  ui.fields.replaceChildren(...(scenario?.fields ?? []).map((field) => renderField(field, typed[field.name])));
-  const voices = scenario?.voices ?? [];
-  ui.voice.replaceChildren(...voices.map((v) => new Option(capitalize(v), v)));
-  ui.voice.value = voices.includes(scenario?.defaultVoice) ? scenario.defaultVoice : voices[0] ?? '';
+  ui.fields.replaceChildren(...(scenario?.fields ?? []).map((field) => renderField(field, typed[field.key])));
+  // The first voice is the scenario's default.
+  const voices = scenario?.voiceOptions ?? [];
+  ui.voice.replaceChildren(...voices.map((v) => new Option(v.description ? `${v.label} — ${v.description}` : v.label, v.value)));
+  ui.voice.value = voices[0]?.value ?? '';
   ui.voice.disabled = voices.length === 0;
   updateControls();
 }
 
 function renderField(field, previous = '') {
-  const id = `field-${field.name}`;
+  const id = `field-${field.key}`;
   const wrapper = document.createElement('div');
   wrapper.className = 'field';
   const label = document.createElement('label');
   label.htmlFor = id;
-  label.textContent = field.label || field.name;
+  label.textContent = field.label || field.key;
   if (field.required) {
     const mark = document.createElement('span');
     mark.className = 'required';
@@ -355,11 +357,13 @@ function renderField(field, previous = '') {
   }
   const input = field.type === 'select' ? renderSelect(field) : renderText(field);
   input.id = id;
-  input.name = field.name;
+  input.name = field.key;
   input.required = Boolean(field.required);
-  input.dataset.field = field.name;
-  input.dataset.label = field.label || field.name;
-  if (previous && (input.tagName !== 'SELECT' || field.options?.includes(previous))) input.value = previous;
+  input.dataset.field = field.key;
+  input.dataset.label = field.label || field.key;
+  input.dataset.minLength = String(field.validation?.minLength ?? 0);
+  const choices = (field.options ?? []).map((o) => o.value);
+  if (previous && (input.tagName !== 'SELECT' || choices.includes(previous))) input.value = previous;
   input.addEventListener('input', updateControls);
   wrapper.append(label, input);
   return wrapper;
@@ -369,17 +373,17 @@ function renderSelect(field) {
   const select = document.createElement('select');
   // A required choice starts blank so it is made on purpose; an optional one may stay blank.
   select.append(new Option(field.required ? 'Choose…' : 'No preference', ''));
-  for (const option of field.options ?? []) select.append(new Option(option, option));
+  for (const option of field.options ?? []) select.append(new Option(option.label ?? option.value, option.value));
   return select;
 }
 
 function renderText(field) {
-  // Long free text (an issue description) gets room to be read back.
-  const long = field.maxLength > 200;
+  // Long free text (a job description) gets room to be read back.
+  const long = field.type === 'textarea';
   const input = document.createElement(long ? 'textarea' : 'input');
-  if (long) input.rows = 3;
+  if (long) input.rows = 4;
   else input.type = 'text';
-  if (field.maxLength) input.maxLength = field.maxLength;
+  if (field.validation?.maxLength) input.maxLength = field.validation.maxLength;
   if (field.placeholder) input.placeholder = field.placeholder;
   input.autocomplete = 'off';
   return input;
@@ -399,7 +403,16 @@ function scenarioConfig() {
 }
 
 function missingFields() {
-  return [...fieldInputs()].filter((input) => input.required && !input.value.trim()).map((input) => input.dataset.label);
+  return [...fieldInputs()]
+    .filter((input) => input.required && !input.value.trim())
+    .map((input) => input.dataset.label);
+}
+
+// Fields filled in, but shorter than the scenario allows (the server would refuse them).
+function tooShortFields() {
+  return [...fieldInputs()]
+    .filter((input) => input.value.trim() && input.value.trim().length < Number(input.dataset.minLength))
+    .map((input) => `${input.dataset.label} (at least ${input.dataset.minLength} characters)`);
 }
 
 // --- the call --------------------------------------------------------------------------
@@ -417,6 +430,8 @@ function callBlocker() {
   if (state.limit === 'offline') return 'Waiting for the connection to the server…';
   const missing = missingFields();
   if (missing.length) return `Fill in: ${missing.join(', ')}.`;
+  const short = tooShortFields();
+  if (short.length) return `Too short: ${short.join(', ')}.`;
   if (state.turnstile && !state.turnstile.token) return 'Complete the human check above.';
   return '';
 }
@@ -554,12 +569,15 @@ function onTranscriptDelta(message) {
 
 function onTranscriptDone(message) {
   if (!isCurrentCall(message)) return;
-  const text = typeof message.text === 'string' ? message.text : '';
+  // A turn whose words could not be transcribed still happened: say so in its place.
+  const failed = message.failed === true;
+  const text = failed ? '(these words could not be transcribed)' : typeof message.text === 'string' ? message.text : '';
   const existing = findItem(message.itemId);
   if (!text && !existing) return; // nothing was said; no empty bubble
   const item = existing ?? transcriptItem(message);
   keepScrolledToEnd(() => {
     item.textContent = text;
+    item.classList.toggle('failed', failed);
     item.setAttribute('aria-busy', 'false');
   });
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 import socket
 
+import orjson
 import pytest
 
 from appkeys import LIMITER
@@ -65,8 +66,12 @@ async def test_a_person_checks_a_number_places_a_call_and_hits_the_limit(dsn, br
         await shot(page, "1-number-ok")
 
         await page.select_option("#scenario", "job-interview")
-        await page.fill("#scenario-fields [name=role]", "Backend engineer")
-        await page.fill("#scenario-fields [name=candidateName]", "Ada")
+        await page.fill("#scenario-fields [name=jobTitle]", "Backend engineer")
+        await page.fill("#scenario-fields [name=company]", "A")
+        assert "at least 2 characters" in await page.locator("#call-hint").inner_text()
+        await page.fill("#scenario-fields [name=company]", "Acme")
+        await page.fill("#scenario-fields textarea[name=jobDescription]", "Python services.\nPostgreSQL.")
+        await page.select_option("#voice", "cedar")
         await page.click("#call-btn")
         created = await h.twilio_api.wait_for_request(lambda r: r.path.endswith("/Calls.json"), timeout=10)
         await page.wait_for_selector("#call-status[data-status=queued]")
@@ -77,7 +82,9 @@ async def test_a_person_checks_a_number_places_a_call_and_hits_the_limit(dsn, br
         path = created.value("Url").removeprefix("https://callgate.test")
         sim = h.call(audio=b"", call_sid=call_sid, direction="outbound-api", to=NUMBER)
         twiml = await sim.webhook(path=path)
-        assert twiml.parameters["scenarioId"] == "job-interview"
+        assert twiml.parameters["scenarioId"] == "job-interview" and twiml.parameters["voice"] == "cedar"
+        assert orjson.loads(twiml.parameters["config"]) == {
+            "jobTitle": "Backend engineer", "company": "Acme", "jobDescription": "Python services.\nPostgreSQL."}
         await sim.connect()
         await page.wait_for_selector("#call-status[data-status=connected]", timeout=10_000)
         await page.wait_for_selector("#transcript li[data-role=assistant]", timeout=10_000)

@@ -32,10 +32,10 @@ async def test_a_full_call(dsn):
             await asyncio.wait_for(session.closed.wait(), timeout=5)
         record = await h.app[CALL_STORE].get(call.call_sid)
 
-    assert twiml.parameters["scenarioId"] == "customer-service"
+    assert twiml.parameters["scenarioId"] == "job-interview"
     config = session.session_config
     assert config["type"] == "realtime" and config["audio"]["input"]["format"]["type"] == "audio/pcmu"
-    assert config["audio"]["output"]["voice"] == "coral" and config["instructions"]
+    assert config["audio"]["output"]["voice"] == "marin" and config["instructions"]
     assert session.headers["Authorization"] == "Bearer test-key" and session.model == "gpt-realtime-1.5"
     assert bytes(received[:len(caller_audio)]) == caller_audio
     assert greeting >= 8000

@@ -75,7 +75,7 @@ async def test_the_call_start_budget_per_address_holds_across_instances(dsn):
         for i in range(CALL_STARTS_PER_IP + 1):
             ws = sockets[i % 2]
             await ws.send_str(json.dumps({"type": "call.start", "phoneNumber": f"+1415555{3000 + i}",
-                                          "scenarioId": "customer-service"}))
+                                          "scenarioId": "customer-service", "config": {"companyName": "Acme"}}))
             reply = json.loads((await ws.receive(timeout=10)).data)
             codes.append(reply.get("code", reply["type"]))
         for ws in sockets:

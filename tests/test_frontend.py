@@ -173,7 +173,7 @@ async def test_fuzzed_frames_never_break_the_handler(fuzz_target, frame):
 
 async def place(client: Frontend, number: str = "+14155550123", **fields) -> list[dict]:
     await client.send({"type": "call.start", "phoneNumber": number, "scenarioId": "job-interview",
-                       "config": {"role": "Engineer", "candidateName": "Ada"}, "voice": "cedar", **fields})
+                       "config": {"jobTitle": "Engineer", "company": "Acme"}, "voice": "cedar", **fields})
     return [await client.recv(timeout=15)]
 
 
@@ -369,7 +369,8 @@ async def test_a_browser_leaving_mid_call_start_does_not_lose_the_call(dsn, sess
     async with callgate(dsn, **TWILIO_ENV) as h:
         h.twilio_api.delay_next(0.5)
         client = await open_frontend(session, h)
-        await client.send({"type": "call.start", "phoneNumber": "+14155550123", "scenarioId": "customer-service"})
+        await client.send({"type": "call.start", "phoneNumber": "+14155550123", "scenarioId": "customer-service",
+                           "config": {"companyName": "Acme"}})
         await h.twilio_api.wait_for_request(lambda r: r.path.endswith("/Calls.json"))
         await client.ws.close()
         async with asyncio.timeout(10):

@@ -45,6 +45,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import websockets
+import yarl
 from twilio.request_validator import RequestValidator
 
 # Run as a script, this folder (tools/) is on sys.path, the repository root is not.
@@ -399,7 +400,9 @@ class SimulatedCall:
         if self._session is None:
             # Twilio gives a webhook 15 s before it gives up.
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15))
-        async with self._session.post(self.server_url + path, data=form,
+        # Twilio requests the URL exactly as configured, escapes and all (and signs that):
+        # encoded=True keeps aiohttp from requoting it (%2C would become a comma).
+        async with self._session.post(yarl.URL(self.server_url + path, encoded=True), data=form,
                                       headers=headers) as response:
             self.twiml = parse_twiml(response.status, await response.text())
         return self.twiml

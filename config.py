@@ -139,6 +139,15 @@ def normalise_origin(origin: str) -> str:
     return f"{parts.scheme}://{netloc}"
 
 
+def origin_in(origin: str, allowed: tuple[str, ...]) -> bool:
+    """Whether a request's Origin header names one of ``allowed`` (normalised). A header that
+    is not an origin at all (a port out of range, say) is simply not allowed."""
+    try:
+        return normalise_origin(origin) in allowed
+    except ValueError:
+        return False
+
+
 def _origins(text: str) -> tuple[str, ...]:
     origins = []
     for part in text.split(","):

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from bridge import events, functions, realtime, twilio
 from bridge.model import ModelConnection, ModelConnector, ModelError
-from bridge.responses import ASK_PREFIX, Asker, Outcome
+from bridge.responses import ASK_PREFIX, ITEM_EVENT_PREFIX, Asker, Outcome
 from scenarios import Scenario
 
 log = logging.getLogger("callgate.call")
@@ -123,7 +123,6 @@ class Call:
         self._end_requested = asyncio.Event()
         self._end_after_goodbye: str | None = None  # set by the end_call tool: why the call ends
         self._asker = Asker()
-        self._items = 0                       # conversation items we added (for their ids)
         self._goodbye_asked = False           # the response we asked for is the goodbye...
         self._goodbye_response: str | None = None  # ...and its id, once it started
         self._failures = 0                    # responses failed in a row
@@ -164,13 +163,14 @@ class Call:
             elif opening in done:
                 self._set_reason("model_unavailable")
                 log.warning("call %s: model did not open: %s", self.call_sid, opening.exception())
-            if self.end_reason in APOLOGY_REASONS and not caller.done():
+            # (Whichever pump noticed the model's failure first: the caller may still be there.)
+            if self.end_reason in APOLOGY_REASONS and not self.twilio_ws.closed:
                 await self._apologise(tasks | self._aux_tasks)
         finally:
-            tasks |= self._aux_tasks
-            for task in tasks:
+            for task in tasks | self._aux_tasks:  # helpers report their own errors
                 task.cancel()
-            finishing = asyncio.create_task(self._finish(tasks), name=f"{self.call_sid}:finish")
+            finishing = asyncio.create_task(self._finish(tasks | self._aux_tasks, tasks),
+                                            name=f"{self.call_sid}:finish")
             try:
                 await asyncio.shield(finishing)
             except asyncio.CancelledError:
@@ -214,12 +214,14 @@ class Call:
         # The greeting is a system note, not response.instructions, which would replace the
         # scenario's instructions (its persona and rules) for that response.
         greeting = GREETING_MESSAGE.format(scenario.greeting(self.setup.config))
-        await self._add_and_ask(realtime.system_text(greeting, self._new_item_id()))
+        await self._add_and_ask(realtime.system_text(greeting, self._asker.new_item_id()))
+        for digit in self._dtmf_before_ready:
+            await self._add_and_ask(realtime.user_text(DTMF_MESSAGE.format(digit), self._asker.new_item_id()))
+        self._dtmf_before_ready.clear()
+        # Last, and with no await between emptying the buffer and _ready: audio that arrives
+        # during these sends is buffered, then sent here, in order.
         while self._pre_ready:
             await self._model.send(realtime.append_audio(self._pre_ready.popleft()))
-        for digit in self._dtmf_before_ready:
-            await self._add_and_ask(realtime.user_text(DTMF_MESSAGE.format(digit), self._new_item_id()))
-        self._dtmf_before_ready.clear()
         self._ready = True
         log.info("call %s: model ready (%s) after %.0f ms", self.call_sid, self._services.connector.name,
                  (time.monotonic() - self.started) * 1000)
@@ -279,7 +281,8 @@ class Call:
                 log.info("call %s: keypad press", self.call_sid)  # never the digit: PINs, card numbers
                 # The model answers a text item only when asked: a keypress needs its answer.
                 if self._ready:
-                    await self._add_and_ask(realtime.user_text(DTMF_MESSAGE.format(event.digit), self._new_item_id()))
+                    await self._add_and_ask(realtime.user_text(DTMF_MESSAGE.format(event.digit),
+                                                               self._asker.new_item_id()))
                 elif len(self._dtmf_before_ready) < MAX_DTMF_BEFORE_READY:
                     self._dtmf_before_ready.append(event.digit)
             elif isinstance(event, twilio.Stop):
@@ -331,6 +334,7 @@ class Call:
         if kind == "response.output_audio.delta":
             await self._play(event)
         elif kind == "input_audio_buffer.speech_started":
+            self._asker.caller_speaking(True)
             await self._barge_in()
         elif kind in realtime.TRANSCRIPT_EVENTS:
             role, stage, field_name = realtime.TRANSCRIPT_EVENTS[kind]
@@ -350,7 +354,7 @@ class Call:
             if item.get("type") == "function_call":
                 await self._run_function(item)
         elif kind in ("conversation.item.added", "conversation.item.created"):
-            self._asker.item_added(str((event.get("item") or {}).get("id", "")))
+            self._asker.item_settled(str((event.get("item") or {}).get("id", "")))
         elif kind == "response.created":
             self._awaiting_response = None
             response_id = str((event.get("response") or {}).get("id", ""))
@@ -360,7 +364,9 @@ class Call:
             self._awaiting_response = None
             await self._on_response_done(Outcome.of(event))
         elif kind in ("input_audio_buffer.speech_stopped", "input_audio_buffer.committed"):
-            # Server VAD answers a finished turn by itself: a response should start shortly.
+            # Server VAD answers a finished turn by itself: a response should start shortly,
+            # and it answers any ask of ours that waited while the caller spoke.
+            self._asker.caller_speaking(False)
             if self._awaiting_response is None:
                 self._awaiting_response = time.monotonic()
         elif kind == "error":
@@ -379,15 +385,22 @@ class Call:
                         outcome.error_code, outcome.error_type, self._failures)
             if is_goodbye:  # the retry is the goodbye again
                 self._goodbye_asked, self._goodbye_response = True, None
-            self._asker.done(outcome.response_id)
+            # Held first: an ask that waited for this response goes out with the retry.
             self._retry_or_give_up()
+            await self._send_ask(self._asker.done(outcome.response_id))
             return
         self._failures = 0
         if outcome.status == "incomplete":
             await self._on_incomplete(outcome)
+        else:
+            self._cut_off = False
         if is_goodbye:
             self._goodbye_response = None
-            self._spawn(self._end_when_played(self._goodbye_reason), "end_after_goodbye")
+            if outcome.status == "cancelled":
+                # The caller talked over the goodbye: the answer to that is the goodbye now.
+                self._goodbye_asked = True
+            else:
+                self._spawn(self._end_when_played(self._goodbye_reason), "end_after_goodbye")
         await self._send_ask(self._asker.done(outcome.response_id))
 
     async def _on_incomplete(self, outcome: Outcome) -> None:
@@ -398,18 +411,23 @@ class Call:
             if self._filtered >= MAX_FILTERED_RESPONSES:
                 self._give_up("content_filter")
                 return
-            await self._add_and_ask(realtime.system_text(FILTERED_MESSAGE, self._new_item_id()))
+            await self._add_and_ask(realtime.system_text(FILTERED_MESSAGE, self._asker.new_item_id()))
         elif outcome.reason == "max_output_tokens":
-            # Once: a reply cut off again is left as it is, not chased in a loop.
+            # Once: a continuation cut off again is left as it is, not chased in a loop.
             log.info("call %s: a reply ran out of output tokens", self.call_sid)
             if not self._cut_off:
                 self._cut_off = True
-                await self._add_and_ask(realtime.system_text(CUT_OFF_MESSAGE, self._new_item_id()))
+                await self._add_and_ask(realtime.system_text(CUT_OFF_MESSAGE, self._asker.new_item_id()))
                 return
         self._cut_off = False
 
     async def _on_error(self, error: dict[str, Any]) -> None:
         code, event_id = error.get("code"), error.get("event_id")
+        if isinstance(event_id, str) and event_id.startswith(ITEM_EVENT_PREFIX):
+            # One of our items was refused: it will never be added, so no ask waits for it.
+            log.warning("call %s: the model refused a conversation item: %s", self.call_sid, _error_text(error))
+            self._asker.item_settled(event_id.removeprefix(ITEM_EVENT_PREFIX))
+            return
         ours = isinstance(event_id, str) and event_id.startswith(ASK_PREFIX)
         if code == realtime.ACTIVE_RESPONSE and ours:
             self._asker.refused(event_id)  # asked again when the active response is done
@@ -428,6 +446,7 @@ class Call:
         if self._failures > len(RESPONSE_RETRY_DELAYS_S):
             self._give_up("model_failed")
             return
+        self._awaiting_response = None  # the watchdog waits again from the retry's own ask
         self._asker.retry_later()
         self._spawn(self._retry_after(RESPONSE_RETRY_DELAYS_S[self._failures - 1]), "retry_response")
 
@@ -490,16 +509,14 @@ class Call:
             self._goodbye_asked = True  # the answer to end_call's output
         # Asked now, while the response that made the call is still active, the answer would
         # be refused: the asker sends it once that response is done.
-        await self._add_and_ask(realtime.function_output(call_id, output, self._new_item_id()))
-
-    def _new_item_id(self) -> str:
-        self._items += 1
-        return f"cg_item_{self._items}"
+        await self._add_and_ask(realtime.function_output(call_id, output, self._asker.new_item_id()))
 
     async def _add_and_ask(self, item_event: dict[str, Any]) -> None:
-        """Add a conversation item, then ask for a response that sees it."""
-        await self._model.send(realtime.encode(item_event))
-        await self._send_ask(self._asker.ask(item_event["item"]["id"]))
+        """Add a conversation item, then ask for a response that sees it. The item's event_id
+        names it, so an error about it is known for what it is."""
+        item_id = item_event["item"]["id"]
+        await self._model.send(realtime.encode({**item_event, "event_id": ITEM_EVENT_PREFIX + item_id}))
+        await self._send_ask(self._asker.ask(item_id))
 
     async def _send_ask(self, event_id: str | None) -> None:
         if event_id is None:
@@ -512,7 +529,12 @@ class Call:
         """A helper task that the call's end cancels."""
         task = asyncio.get_running_loop().create_task(coro, name=f"{self.call_sid}:{name}")
         self._aux_tasks.add(task)
-        task.add_done_callback(self._aux_tasks.discard)
+        task.add_done_callback(self._helper_done)
+
+    def _helper_done(self, task: asyncio.Task) -> None:
+        self._aux_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("call %s: %s failed", self.call_sid, task.get_name(), exc_info=task.exception())
 
     async def _end_when_played(self, reason: str) -> None:
         with contextlib.suppress(TimeoutError):
@@ -532,7 +554,7 @@ class Call:
             self._end_after_goodbye = "time_limit"
         self._goodbye_asked = True
         with contextlib.suppress(ModelError):  # a broken model ends the call through its own pump
-            await self._add_and_ask(realtime.system_text(WRAP_UP_MESSAGE, self._new_item_id()))
+            await self._add_and_ask(realtime.system_text(WRAP_UP_MESSAGE, self._asker.new_item_id()))
         await asyncio.sleep(min(s.wrap_up_s, s.session_duration_s))
         self._set_reason("time_limit")
 
@@ -568,7 +590,7 @@ class Call:
         (bounded) until Twilio says it has played, so hanging up does not cut it short."""
         for task in tasks:
             task.cancel()
-        await asyncio.wait(tasks)  # their errors are reported by _finish
+        await asyncio.wait(tasks)  # their errors are reported by _finish (helpers': as they end)
         stream_sid = self.setup.stream_sid
         try:
             if self._playout.outstanding:
@@ -589,13 +611,17 @@ class Call:
         except (TimeoutError, ConnectionResetError):
             return  # the caller is gone, or Twilio is not answering: hang up anyway
 
-    async def _finish(self, tasks: set[asyncio.Task]) -> None:
+    async def _finish(self, tasks: set[asyncio.Task], pumps: set[asyncio.Task]) -> None:
+        """Wait for every task of the call to end (errors of the ``pumps`` are logged here,
+        a helper's by ``_helper_done``), then close the model, announce, close Twilio's
+        socket and hang up."""
         if self._finished:
             return
         self._finished = True
-        for result in await asyncio.gather(*tasks, return_exceptions=True):
-            if isinstance(result, Exception):
-                log.error("call %s: %s failed", self.call_sid, type(result).__name__, exc_info=result)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for task in pumps:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("call %s: %s failed", self.call_sid, task.get_name(), exc_info=task.exception())
         reason = self.end_reason or "ended"
         if self._model is not None:
             with contextlib.suppress(Exception):

@@ -10,6 +10,9 @@ otherwise holds it until the active response is done, and asks again after a ref
 An ask that comes with a conversation item (the tool output, the keypress, the wrap-up note)
 is answered by the first response created after the server added that item, whoever started
 it: such a response sees the item. An ask without an item is answered by the next response.
+While the caller is speaking nothing is asked for: the response server VAD starts at the end
+of the turn answers it. An ask that MAX_SENDS response.creates have not answered is dropped,
+so a server that never confirms an item cannot make the bridge ask in a loop.
 
 Pure state, no I/O: the call sends the ``response.create`` events it is handed.
 """
@@ -21,6 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 ASK_PREFIX = "cg_ask_"  # the event_id of our response.create, echoed in an error about it
+ITEM_PREFIX = "cg_item_"  # the ids of the conversation items we add
+ITEM_EVENT_PREFIX = "cg_evt_"  # the event_id of our conversation.item.create: "cg_evt_" + item id
+MAX_SENDS = 3  # response.creates for one ask (refusals and cut-in responses included)
 
 
 @dataclass(frozen=True)
@@ -49,40 +55,58 @@ class Outcome:
 
 
 class Asker:
-    """At most one ask outstanding; later asks merge into it (one response answers them all)."""
+    """At most one ask outstanding; later asks merge into it (one response answers them all).
+
+    Our conversation items are numbered (``new_item_id``): the server adds them in the order
+    sent, so once it confirms (or refuses) item N, every item before N is settled too."""
 
     def __init__(self) -> None:
         self.active: str | None = None      # id of the response being produced, if any
         self._in_flight: str | None = None  # event_id of our response.create not yet answered
         self._pending = False               # a response is owed to us
-        self._awaiting_item: str | None = None  # the owed response must come after this item
+        self._awaiting = 0                  # ...created after our item of this number was added
+        self._settled = 0                   # our items up to this number are added (or refused)
+        self._items = 0                     # our items numbered so far
         self._held = False                  # a retry waits out its back-off
+        self._caller_speaking = False       # between speech_started and the turn's end
+        self._sends = 0                     # response.creates sent for the current ask
+        self.dropped = 0                    # asks given up after MAX_SENDS
         self._ids = itertools.count(1)
 
     @property
     def pending(self) -> bool:
         return self._pending
 
+    def new_item_id(self) -> str:
+        """The id for our next conversation item (the API accepts ids chosen by the client)."""
+        self._items += 1
+        return f"{ITEM_PREFIX}{self._items}"
+
     def ask(self, item_id: str | None = None) -> str | None:
         """We want a response (after ``item_id``, when given, has been added). Returns the
         event_id of a ``response.create`` to send now, or None when it must wait."""
-        self._pending = True
-        if item_id is not None:
-            self._awaiting_item = item_id
+        if not self._pending:
+            self._pending, self._sends = True, 0
+        self._awaiting = max(self._awaiting, _number(item_id))
         return self._send_if_free()
 
-    def item_added(self, item_id: str) -> None:
-        if item_id == self._awaiting_item:
-            self._awaiting_item = None
+    def item_settled(self, item_id: str) -> None:
+        """The server added one of our items, or refused it (then it never will be added)."""
+        self._settled = max(self._settled, _number(item_id))
 
     def created(self, response_id: str) -> bool:
         """A response started. True when it answers our ask."""
         self.active = response_id
         self._in_flight = None
-        if self._pending and self._awaiting_item is None:
+        if self._pending and self._awaiting <= self._settled:
             self._pending = False
             return True
         return False
+
+    def caller_speaking(self, speaking: bool) -> None:
+        """Hold asks while the caller speaks (``input_audio_buffer.speech_started`` until the
+        turn is committed): the response to the turn comes by itself, and answers them."""
+        self._caller_speaking = speaking
 
     def done(self, response_id: str) -> str | None:
         """A response finished; returns the event_id of an ask to send now, if one waits."""
@@ -99,8 +123,10 @@ class Asker:
             self._in_flight = None
 
     def retry_later(self) -> None:
-        """A response failed: one is owed again, but not before ``release()`` (the back-off)."""
-        self._pending = True
+        """A response failed: one is owed again, but not before ``release()`` (the back-off).
+        Call it before ``done()`` for that response, so an ask waiting for it waits too."""
+        if not self._pending:
+            self._pending, self._sends = True, 0
         self._held = True
 
     def release(self) -> str | None:
@@ -110,12 +136,27 @@ class Asker:
         return self._send_if_free()
 
     def cancel(self) -> None:
-        """Forget the ask (the call is ending)."""
+        """Forget the ask (the call is ending, or the ask went unanswered too often)."""
         self._pending = False
-        self._awaiting_item = None
 
     def _send_if_free(self) -> str | None:
-        if not self._pending or self._held or self.active is not None or self._in_flight is not None:
+        if (not self._pending or self._held or self._caller_speaking or self.active is not None
+                or self._in_flight is not None):
             return None
+        if self._sends >= MAX_SENDS:
+            self.dropped += 1
+            self.cancel()
+            return None
+        self._sends += 1
         self._in_flight = f"{ASK_PREFIX}{next(self._ids)}"
         return self._in_flight
+
+
+def _number(item_id: str | None) -> int:
+    """The number of one of our item ids; 0 for None or an id that is not ours."""
+    if item_id is None or not item_id.startswith(ITEM_PREFIX):
+        return 0
+    try:
+        return int(item_id[len(ITEM_PREFIX):])
+    except ValueError:
+        return 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from appkeys import SETTINGS
-from config import normalise_origin
+from config import origin_in
 
 PUBLIC_READ_ROUTES = frozenset({"/scenarios", "/tools", "/public-url", "/health", "/healthz"})
 PREFLIGHT_MAX_AGE_S = 600
@@ -19,7 +19,7 @@ PREFLIGHT_MAX_AGE_S = 600
 
 def _allowed_origin(request: web.Request) -> str | None:
     origin = request.headers.get("Origin")
-    if origin is None or normalise_origin(origin) not in request.app[SETTINGS].allowed_origins:
+    if origin is None or not origin_in(origin, request.app[SETTINGS].allowed_origins):
         return None
     return origin
 
@@ -42,7 +42,12 @@ async def cors(request: web.Request, handler) -> web.StreamResponse:
             "Vary": "Origin",
         })
     response = await handler(request)
-    response.headers["Vary"] = "Origin"  # the same URL answers differently per origin: caches must know
+    # The same URL answers differently per origin: caches must know.
+    vary = response.headers.get("Vary")
+    if not vary:
+        response.headers["Vary"] = "Origin"
+    elif "origin" not in vary.lower():
+        response.headers["Vary"] = f"{vary}, Origin"
     if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
     return response

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import logging
 import secrets
 import time
@@ -24,7 +25,7 @@ import turnstile
 from appkeys import (BUS, CALL_STORE, CALLS, FRONTEND, HTTP, LIFECYCLE, LIMITER, METRICS, REFUSALS, SETTINGS,
                      TOKEN_SECRET, TWILIO_REST)
 from bridge import events, tokens
-from config import normalise_origin
+from config import origin_in
 from db.calls import CallStoreUnavailable
 from limiter.errors import InvalidNumber
 from limiter.rules import Decision, Rules
@@ -51,7 +52,7 @@ def origin_allowed(request: web.Request) -> bool:
     origin = request.headers.get("Origin")
     if origin is None:
         return True  # not a browser (browsers always send Origin on a WebSocket upgrade)
-    return normalise_origin(origin) in request.app[SETTINGS].allowed_origins
+    return origin_in(origin, request.app[SETTINGS].allowed_origins)
 
 
 def _refuse(request: web.Request, reason: str, ip: str, error: type[web.HTTPException], text: str) -> web.HTTPException:
@@ -61,12 +62,14 @@ def _refuse(request: web.Request, reason: str, ip: str, error: type[web.HTTPExce
     request.app[METRICS].frontend_refused.labels(reason).inc()
     origin = (request.headers.get("Origin") or "none")[:80]
     request.app[REFUSALS].warning(f"logs:{reason}", "/logs upgrade refused (%s): origin %r, client %s", reason,
-                                  origin, _address_hash(ip))
+                                  origin, _address_hash(request.app[TOKEN_SECRET], ip))
     return error(text=text)
 
 
-def _address_hash(ip: str) -> str:
-    return hashlib.sha256(b"callgate client address|" + ip.encode()).hexdigest()[:10]
+def _address_hash(secret: bytes, ip: str) -> str:
+    """A keyed hash of a client address: lines about one client can be told apart, and the
+    address cannot be found again by hashing every possible one."""
+    return hmac.new(secret, b"client address|" + ip.encode(), hashlib.sha256).hexdigest()[:10]
 
 
 async def logs(request: web.Request) -> web.StreamResponse:

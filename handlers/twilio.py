@@ -79,7 +79,7 @@ def check_signature(request: web.Request, url: str, params: Mapping[str, str]) -
     rule = request.headers.get(SIGNATURE_SETTINGS_HEADER)
     algorithm = get_signature_algorithm(rule).upper()
     if algorithm not in (HMAC_SHA1, HMAC_SHA256):
-        refusals.warning(f"algorithm:{algorithm[:20]}", "request to %s refused: signed with %r, which Twilio's "
+        refusals.warning("algorithm", "request to %s refused: signed with %r, which Twilio's "
                           "library here cannot check (upgrade twilio)", request.path, algorithm[:40])
         raise web.HTTPForbidden(text=f"unsupported signature algorithm {algorithm[:40]}")
     key = settings.twilio_shared_key if rule is not None else settings.twilio_auth_token

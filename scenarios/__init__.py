@@ -19,6 +19,7 @@ A scenario checks a config two ways:
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -76,6 +77,7 @@ class Field:
             raise ScenarioError(f"{self.label} must be text")
         # One line for text and choices; a textarea keeps its line breaks (a job description),
         # never control characters. Either way it is spliced into instructions as plain text.
+        value = "".join(ch if ch in "\n\t" or not unicodedata.category(ch).startswith("C") else " " for ch in value)
         lines = [" ".join(line.split()) for line in value.splitlines()] if self.type == "textarea" else [" ".join(value.split())]
         text = "\n".join(line for line in lines if line)
         if len(text) > self.max_length:

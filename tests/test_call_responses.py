@@ -247,3 +247,69 @@ async def test_every_client_event_of_a_whole_call_is_valid_for_the_sdk(dsn):
                      "input_audio_buffer.append", "conversation.item.truncate"}
     assert items == {("message", "system"), ("message", "user"), ("function_call_output", None)}
     assert [check_client_event(e) for e in session.events_in] == [None] * len(session.events_in)
+
+
+async def test_a_keypress_during_a_response_that_fails_is_still_answered(dsn, quick_retries):
+    """The caller presses a key while the greeting is being made, and the greeting fails: the
+    retry goes out once, covering the keypress too, and the caller hears its answer."""
+    audio = reply({1: 400})
+    async with FakeRealtime(response_faults={0: "server_error"}, reply_audio=audio, pace=1.0, chunk_ms=300) as model, \
+            callgate(dsn, model=model) as h:
+        call = h.call(audio=b"")
+        await call.webhook()
+        await call.connect()
+        session = await model.wait_for_session()
+        await session.wait_for_event("response.create")  # the greeting's: it fails 300 ms later
+        await call.send_dtmf("3")
+        await call.wait_for_audio(3200, timeout=10)
+        creates = of_type(session.events_in, "response.create")
+        assert bytes(call.received_audio[:3200]) == audio(0, 1) and len(creates) == 2
+        kinds = [(e["type"], e.get("item", {}).get("role")) for e in session.events_in
+                 if e["type"] in ("conversation.item.create", "response.create")]
+        assert kinds.index(("conversation.item.create", "user")) < len(kinds) - 1  # the key came before the retry
+        await call.stop()
+
+
+async def test_a_conversation_item_the_model_refuses_does_not_make_the_bridge_ask_in_a_loop(dsn, monkeypatch, caplog):
+    """The model refuses the item a keypress adds: the bridge logs it and asks for one
+    response (the model answers the conversation it has), not one after every response."""
+    from tools import fake_realtime
+
+    original = fake_realtime.FakeSession._on_item_create
+
+    async def refuse_user_items(self, event):
+        if (event.get("item") or {}).get("role") == "user":
+            raise fake_realtime.ClientError("invalid_value", "Invalid value for 'item.content'.", "item.content")
+        await original(self, event)
+
+    monkeypatch.setattr(fake_realtime.FakeSession, "_on_item_create", refuse_user_items)
+    async with FakeRealtime(reply_audio=reply({0: 200}, 200)) as model, callgate(dsn, model=model) as h:
+        call = h.call(audio=b"")
+        await call.webhook()
+        await call.connect()
+        session = await model.wait_for_session()
+        await call.wait_for_played(1600)
+        await call.send_dtmf("1")
+        await session.wait_for_event("response.create")  # the greeting's
+        await session.wait_for_event("response.create")  # the keypress's
+        with pytest.raises(TimeoutError):
+            await session.wait_for_event("response.create", timeout=0.5)
+        await call.stop()
+    assert "refused a conversation item" in caplog.text
+
+
+async def test_each_reply_out_of_tokens_gets_its_continuation(dsn):
+    """Two replies in one call run out of output tokens, with a finished one between them:
+    each gets its one continuation (the rule is once per cut, not once per call)."""
+    async with FakeRealtime(response_faults={0: "max_output_tokens", 2: "max_output_tokens"},
+                            reply_audio=reply({}, 400)) as model, callgate(dsn, model=model) as h:
+        call = h.call(audio=b"")
+        await call.webhook()
+        await call.connect()
+        session = await model.wait_for_session()
+        await call.wait_for_audio(1600 + 3200)  # half the greeting, then its whole continuation
+        await call.play(tone(300, freq=500) + silence(600), tail_silence_ms=0)  # response 2, cut
+        continuations = 0
+        while continuations < 2:  # a missing second one times out
+            continuations += "cut off" in str(await session.wait_for_event("conversation.item.create"))
+        await call.stop()

@@ -192,3 +192,14 @@ async def test_a_reconnect_loop_is_refused_visibly_but_quietly(dsn, http, caplog
     assert 'callgate_frontend_refused_total{reason="origin"} 1.0' in metrics
     assert [line for line in lines if "per_ip_cap" in line] and len(lines) <= 3
     assert all("198.51.100.77" not in line for line in lines)
+
+
+async def test_an_origin_header_that_is_no_origin_is_just_not_allowed(dsn, http):
+    """An Origin with a port out of range gets the public reads without CORS, and a 403 on
+    /logs: never a 500."""
+    async with callgate(dsn, **ENV) as h:
+        health = await http.get(h.url + "/healthz", headers={"Origin": "http://a:99999"})
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(h.url + "/logs", headers={"Origin": "http://127.0.0.1:18081.evil.test"})
+    assert health.status == 200 and "Access-Control-Allow-Origin" not in health.headers
+    assert refused.value.status == 403

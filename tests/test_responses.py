@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bridge.responses import ASK_PREFIX, Asker, Outcome
+from bridge.responses import ASK_PREFIX, MAX_SENDS, Asker, Outcome
 
 
 def test_an_ask_goes_out_at_once_when_nothing_is_active():
@@ -18,7 +18,7 @@ def test_an_ask_while_a_response_is_active_waits_for_its_end():
     asker = Asker()
     asker.created("resp_vad")  # server VAD started one by itself
     assert asker.ask("cg_item_1") is None
-    asker.item_added("cg_item_1")
+    asker.item_settled("cg_item_1")
     assert asker.done("resp_vad") is not None
     assert asker.created("resp_2") is True
 
@@ -28,7 +28,7 @@ def test_a_refused_ask_is_sent_again_after_the_active_response():
     asker = Asker()
     first = asker.ask("cg_item_1")
     asker.created("resp_vad")  # its response.created came before our ask was processed
-    asker.item_added("cg_item_1")
+    asker.item_settled("cg_item_1")
     asker.refused(first)
     assert asker.pending
     again = asker.done("resp_vad")
@@ -41,7 +41,7 @@ def test_a_response_that_started_before_the_item_was_added_does_not_answer_it():
     asker = Asker()
     asker.ask("cg_item_1")
     assert asker.created("resp_early") is False and asker.pending
-    asker.item_added("cg_item_1")
+    asker.item_settled("cg_item_1")
     assert asker.done("resp_early") is not None
 
 
@@ -51,8 +51,8 @@ def test_later_asks_merge_into_one():
     asker.created("resp_1")
     asker.ask("cg_item_1")
     asker.ask("cg_item_2")
-    asker.item_added("cg_item_1")
-    asker.item_added("cg_item_2")
+    asker.item_settled("cg_item_1")
+    asker.item_settled("cg_item_2")
     assert asker.done("resp_1") is not None
     assert asker.created("resp_2") is True
     assert asker.done("resp_2") is None
@@ -88,3 +88,50 @@ def test_outcomes_read_every_status_the_sdk_defines():
     assert (failed.failed, failed.error_type, failed.error_code) == (True, "server_error", "server_error")
     assert (cut.status, cut.reason, cut.failed) == ("incomplete", "content_filter", False)
     assert (plain.status, plain.reason, plain.error_code) == ("completed", None, None)
+
+
+def test_an_ask_waiting_when_a_response_fails_goes_out_with_the_retry():
+    """A keypress asked for during a response that then fails is answered by the retry, once
+    the back-off is over: not lost, not sent twice."""
+    asker = Asker()
+    asker.created("resp_1")
+    item = asker.new_item_id()
+    assert asker.ask(item) is None
+    asker.item_settled(item)
+    asker.retry_later()
+    assert asker.done("resp_1") is None  # held for the back-off
+    assert asker.release() is not None
+    assert asker.created("resp_2") is True and not asker.pending
+
+
+def test_an_item_the_server_refused_or_confirmed_early_does_not_block_the_ask():
+    """An item confirmed before its ask, or refused (never to be added), settles it; items are
+    numbered, so confirming a later one settles the earlier ones too."""
+    asker = Asker()
+    first, second = asker.new_item_id(), asker.new_item_id()
+    asker.item_settled(second)  # (confirmed before we asked, and it settles the first too)
+    asker.ask(first)
+    assert asker.created("resp_1") is True
+
+
+def test_an_ask_nobody_answers_is_dropped_after_a_few_sends():
+    """An ask whose item never settles stops after MAX_SENDS response.creates instead of
+    asking after every response for ever."""
+    asker = Asker()
+    sends = [asker.ask(asker.new_item_id())]
+    for k in range(10):
+        asker.created(f"resp_{k}")
+        sends.append(asker.done(f"resp_{k}"))
+    assert sum(s is not None for s in sends) == MAX_SENDS
+    assert not asker.pending and asker.dropped == 1
+
+
+def test_nothing_is_asked_while_the_caller_speaks():
+    """Asks wait while the caller speaks; the response to the caller's turn answers them."""
+    asker = Asker()
+    asker.caller_speaking(True)
+    item = asker.new_item_id()
+    assert asker.ask(item) is None
+    asker.item_settled(item)
+    asker.caller_speaking(False)
+    assert asker.created("resp_turn") is True

@@ -119,3 +119,10 @@ def test_a_webhook_url_with_unusable_values_still_runs_and_says_why():
     assert scenarios.from_query({"config": "{not json"})[3] == ["config is not a JSON object: ignored"]
     with pytest.raises(scenarios.ScenarioError):
         scenarios.from_query({"scenario": "poker"})
+
+
+def test_control_characters_never_reach_the_instructions():
+    """Escape sequences and NULs in a field become spaces; a textarea keeps its line breaks."""
+    config = scenarios.get("job-interview").validate(
+        {"jobTitle": "Chef\x1b[31m\x00", "company": "Bistro\x07", "jobDescription": "Cook.\nClean\x0b up."})
+    assert config == {"jobTitle": "Chef [31m", "company": "Bistro", "jobDescription": "Cook.\nClean up."}

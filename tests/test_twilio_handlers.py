@@ -287,3 +287,16 @@ async def _record(dsn, call_sid):
         return dict(await conn.fetchrow("SELECT status, end_reason FROM calls WHERE call_sid = $1", call_sid))
     finally:
         await conn.close()
+
+
+async def test_signature_refusals_cannot_flood_the_log(dsn, caplog):
+    """Fifty requests naming fifty made-up algorithms are refused with 403 and logged in one
+    line, not fifty: the header chooses nothing about the log."""
+    async with callgate(dsn) as h, aiohttp.ClientSession() as session:
+        statuses = []
+        for k in range(50):
+            async with session.post(h.url + "/twiml", data=FORM, headers={
+                    "X-Twilio-Signature": "eA==", "X-Twilio-Webhooks-Signature-Settings": f"algorithm=X{k}"}) as resp:
+                statuses.append(resp.status)
+    assert statuses == [403] * 50
+    assert len([r for r in caplog.records if r.name == "callgate.refused"]) == 1

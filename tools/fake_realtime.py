@@ -724,7 +724,10 @@ class FakeSession:
 
     async def _fail(self, response: _Response, fault: str) -> None:
         """A failed response, as the API reports a rate limit or an outage: no output, the
-        error in status_details (and, for a rate limit, none left in rate_limits.updated)."""
+        error in status_details (and, for a rate limit, none left in rate_limits.updated).
+        It fails after one chunk's time (scaled by ``pace``): active meanwhile, as a real one is."""
+        loop = asyncio.get_running_loop()
+        await response.pause_until(loop.time() + self.fake.chunk_ms / 1000 * self.fake.pace)
         self._response = None
         if fault == "rate_limit":
             await self.send({"type": "rate_limits.updated", "rate_limits": [

@@ -10,23 +10,40 @@ routes on one screen, and every resource with a start and an end in one cleanup 
 from __future__ import annotations
 
 import argparse
-import html
 import asyncio
+import html
 import logging
 import os
 import signal
 import sys
-from pathlib import Path
 from collections.abc import AsyncIterator
+from pathlib import Path
 
-import orjson
 import aiohttp
+import orjson
 from aiohttp import WSCloseCode, web
 
 import logsetup
 import scenarios
-from appkeys import (BUS, CALL_SERVICES, CALL_STORE, CALLS, DATABASE, FANOUT, FRONTEND, HTTP, LIFECYCLE, LIMITER,
-                     METRICS, REFUSALS, SETTINGS, TOKEN_SECRET, TWILIO_REST, FrontendState, Lifecycle)
+from appkeys import (
+    BUS,
+    CALL_SERVICES,
+    CALL_STORE,
+    CALLS,
+    DATABASE,
+    FANOUT,
+    FRONTEND,
+    HTTP,
+    LIFECYCLE,
+    LIMITER,
+    METRICS,
+    REFUSALS,
+    SETTINGS,
+    TOKEN_SECRET,
+    TWILIO_REST,
+    FrontendState,
+    Lifecycle,
+)
 from bridge import functions, tokens
 from bridge.call import CallServices
 from bridge.events import STATUS_RANK, EventBus

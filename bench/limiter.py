@@ -47,7 +47,6 @@ sys.path.insert(0, str(ROOT))
 import asyncpg  # noqa: E402
 
 from bench.common import run_database  # noqa: E402
-
 from db.database import create_pool  # noqa: E402
 from db.sql import Queries  # noqa: E402
 from limiter.errors import InvalidNumber  # noqa: E402

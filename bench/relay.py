@@ -99,11 +99,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-from bench.common import run_database  # noqa: E402
 import orjson  # noqa: E402
 from aiohttp import web  # noqa: E402
 
 from appkeys import CALLS, METRICS  # noqa: E402
+from bench.common import run_database  # noqa: E402
 from config import Settings  # noqa: E402
 from server import create_app  # noqa: E402
 from tools.fake_realtime import FakeRealtime, FakeSession  # noqa: E402

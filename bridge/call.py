@@ -27,11 +27,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
-
-from pathlib import Path
 
 from bridge import events, functions, realtime, twilio
 from bridge.model import ModelConnection, ModelConnector, ModelError

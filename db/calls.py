@@ -13,8 +13,6 @@ import asyncpg
 from db.bounded import DatabaseAway, run_bounded
 from db.sql import Queries
 
-
-
 CALL_RETENTION_DAYS = 30
 
 # The advisory lock every instance takes to admit a call under the global cap ("CGADMIT").

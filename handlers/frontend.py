@@ -22,8 +22,20 @@ from aiohttp import WSMsgType, web
 
 import scenarios
 import turnstile
-from appkeys import (BUS, CALL_STORE, CALLS, FRONTEND, HTTP, LIFECYCLE, LIMITER, METRICS, REFUSALS, SETTINGS,
-                     TOKEN_SECRET, TWILIO_REST)
+from appkeys import (
+    BUS,
+    CALL_STORE,
+    CALLS,
+    FRONTEND,
+    HTTP,
+    LIFECYCLE,
+    LIMITER,
+    METRICS,
+    REFUSALS,
+    SETTINGS,
+    TOKEN_SECRET,
+    TWILIO_REST,
+)
 from bridge import events, tokens
 from config import origin_in
 from db.calls import CallStoreUnavailable

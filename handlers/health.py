@@ -7,7 +7,7 @@ bounded by the limiter's timeout.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from aiohttp import web
 
@@ -43,7 +43,7 @@ async def health(request: web.Request) -> web.Response:
     cap = request.app[SETTINGS].max_connections_per_ip
     return web.json_response({
         "status": "healthy" if facts["status"] == "ok" else "degraded",
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "timestamp": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "uptime": round(time.time() - lifecycle.started_at, 1),
         "activeSessions": facts["activeCalls"],
         "database": facts["database"],

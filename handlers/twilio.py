@@ -19,13 +19,17 @@ from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import WSMsgType, web
-from twilio.request_validator import (HMAC_SHA1, HMAC_SHA256, SIGNATURE_SETTINGS_HEADER, RequestValidator,
-                                      get_signature_algorithm)
+from twilio.request_validator import (
+    HMAC_SHA1,
+    HMAC_SHA256,
+    SIGNATURE_SETTINGS_HEADER,
+    RequestValidator,
+    get_signature_algorithm,
+)
 from twilio.twiml.voice_response import Connect, VoiceResponse
 
 import scenarios
-from appkeys import (BUS, CALL_SERVICES, CALL_STORE, CALLS, LIFECYCLE, LIMITER, METRICS, REFUSALS, SETTINGS,
-                     TOKEN_SECRET)
+from appkeys import BUS, CALL_SERVICES, CALL_STORE, CALLS, LIFECYCLE, LIMITER, METRICS, REFUSALS, SETTINGS, TOKEN_SECRET
 from bridge import events, tokens
 from bridge import twilio as wire
 from bridge.call import Call, CallSetup

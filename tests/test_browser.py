@@ -11,10 +11,10 @@ import socket
 
 import orjson
 import pytest
-
-from appkeys import LIMITER
 from callgate_harness import callgate
 from conftest import ROOT
+
+from appkeys import LIMITER
 from tools.fake_realtime import FakeRealtime
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from appkeys import CALL_STORE, LIMITER
 from callgate_harness import callgate
+
+from appkeys import CALL_STORE, LIMITER
 from tools.simulate_call import silence, tone
 
 

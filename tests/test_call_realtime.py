@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from callgate_harness import callgate, hangups, is_ended, quiet_pattern, until
 
 from appkeys import CALL_STORE, CALLS, LIFECYCLE, METRICS
-from callgate_harness import callgate, hangups, is_ended, quiet_pattern, until
 from tools.fake_realtime import FakeRealtime
 from tools.simulate_call import silence, tone
 

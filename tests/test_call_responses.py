@@ -8,10 +8,10 @@ from __future__ import annotations
 import logging
 
 import pytest
+from callgate_harness import callgate, hangups, is_ended, until
 
 import bridge.call
 from bridge.call import APOLOGY
-from callgate_harness import callgate, hangups, is_ended, until
 from scenarios import DEFAULT_SCENARIO, SCENARIOS
 from tools.fake_realtime import FakeRealtime
 from tools.realtime_types import check_client_event

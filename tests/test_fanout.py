@@ -7,12 +7,12 @@ import asyncio
 import json
 
 import aiohttp
+from callgate_harness import callgate
 
 from appkeys import BUS, FANOUT, TOKEN_SECRET
 from bridge import events, tokens
-from bridge.fanout import MAX_PAYLOAD, PgFanout, _clip
 from bridge.events import EventBus
-from callgate_harness import callgate
+from bridge.fanout import MAX_PAYLOAD, PgFanout, _clip
 from tools.fake_realtime import FakeRealtime
 
 

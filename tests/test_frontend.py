@@ -9,12 +9,12 @@ import json
 import aiohttp
 import pytest
 from aiohttp import web
+from callgate_harness import PUBLIC_URL, callgate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from appkeys import CALL_STORE, FRONTEND, LIMITER, TOKEN_SECRET
 from bridge import events, tokens
-from callgate_harness import PUBLIC_URL, callgate
 from tools.fake_realtime import FakeRealtime
 from tools.simulate_call import SimulatedCall
 
@@ -354,8 +354,8 @@ async def test_a_status_callback_before_the_call_is_recorded_still_refunds(dsn, 
         await limiter.hit("+14155550123", "RS" + "a" * 32)
         form = {"CallSid": "CA" + "b" * 32, "CallStatus": "busy", "AccountSid": h.twilio_api.account_sid}
         url = f"{PUBLIC_URL}/twilio/status?charge=RS{'a' * 32}"
-        from twilio.request_validator import RequestValidator
         from callgate_harness import AUTH_TOKEN
+        from twilio.request_validator import RequestValidator
         signature = RequestValidator(AUTH_TOKEN).compute_signature(url, form)
         async with session.post(h.url + f"/twilio/status?charge=RS{'a' * 32}", data=form,
                                 headers={"X-Twilio-Signature": signature}) as resp:

@@ -10,12 +10,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from conftest import ROOT
+from tcpproxy import TcpProxy
 
 from appkeys import LIFECYCLE, LIMITER
-from conftest import ROOT
 from helpers import TEST_KEY, settings_for
 from server import create_app
-from tcpproxy import TcpProxy
 
 
 @pytest.fixture

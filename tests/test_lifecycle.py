@@ -13,10 +13,10 @@ import sys
 
 import aiohttp
 from aiohttp import web
-
-from appkeys import BUS, CALLS
 from callgate_harness import AUTH_TOKEN, PUBLIC_URL
 from conftest import ROOT
+
+from appkeys import BUS, CALLS
 from helpers import TEST_KEY, settings_for
 from server import create_app, drain
 from tools.fake_realtime import FakeRealtime

@@ -11,13 +11,13 @@ import time
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from tcpproxy import TcpProxy
 
 from db.database import create_pool
 from db.embedded import EmbeddedPostgres
 from db.migrate import migrate
 from helpers import make_limiter
 from limiter.limiter import _Deadline
-from tcpproxy import TcpProxy
 
 NUMBER = "+14155550100"
 

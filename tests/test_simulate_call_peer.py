@@ -18,8 +18,15 @@ from aiohttp import WSMsgType, web
 from twilio.request_validator import RequestValidator
 
 from tools.simulate_call import (
-    DEFAULT_AUDIO, FRAME_BYTES, SimulatedCall, linear_to_mulaw, load_audio, mulaw_to_linear,
-    parse_twiml, silence, tone,
+    DEFAULT_AUDIO,
+    FRAME_BYTES,
+    SimulatedCall,
+    linear_to_mulaw,
+    load_audio,
+    mulaw_to_linear,
+    parse_twiml,
+    silence,
+    tone,
 )
 
 TOKEN = "peer-auth-token"

@@ -8,11 +8,11 @@ import asyncio
 import aiohttp
 import pytest
 import websockets
+from callgate_harness import AUTH_TOKEN, PUBLIC_URL, callgate
 from twilio.request_validator import RequestValidator
 
 from appkeys import CALL_STORE, LIMITER, TOKEN_SECRET
 from bridge import tokens
-from callgate_harness import AUTH_TOKEN, PUBLIC_URL, callgate
 from tools.fake_realtime import FakeRealtime
 
 

@@ -36,7 +36,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
 
@@ -102,8 +102,8 @@ class FakeCall:
     timeout: str | None
     machine_detection: str | None
     status: str = "queued"
-    date_created: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
-    date_updated: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    date_created: datetime = field(default_factory=lambda: datetime.now(UTC))
+    date_updated: datetime = field(default_factory=lambda: datetime.now(UTC))
     start_time: datetime | None = None
     end_time: datetime | None = None
 
@@ -123,7 +123,7 @@ class FakeCall:
 
     def move_to(self, status: str) -> None:
         """Change the status, stamping start and end times as Twilio does."""
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         if status == "in-progress" and self.start_time is None:
             self.start_time = now
         if status in ENDED_STATUSES and self.end_time is None:

@@ -112,11 +112,11 @@ def create_app(settings: Settings) -> web.Application:
         try:
             async with open_database(settings) as db:
                 app[DATABASE] = db
-                queries = Queries()  # every sql/*.sql, read once
+                queries = Queries.load()  # every sql/*.sql, read once and checked
                 app[LIMITER] = limiter = build_limiter(settings, db.pool, queries, app[METRICS])
                 app[CALL_STORE] = store = CallStore(db.pool, queries, settings.limiter_timeout_ms / 1000)
                 app[CALL_SERVICES] = call_services(settings, app, connector, rest, store)
-                app[FANOUT] = fanout = PgFanout(db.dsn, db.pool, app[BUS])
+                app[FANOUT] = fanout = PgFanout(db.dsn, db.pool, queries, app[BUS])
                 app[BUS].forward = fanout.offer
                 duties = [asyncio.create_task(limiter.maintain(), name="limiter-maintenance"),
                           asyncio.create_task(tidy_calls(store), name="calls-maintenance"),
@@ -313,7 +313,7 @@ async def run_admin(settings: Settings, args: argparse.Namespace) -> int:
                 applied = await migrate(conn)
             print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
             return 0
-        limiter = build_limiter(settings, db.pool, Queries())
+        limiter = build_limiter(settings, db.pool, Queries.load())
         if args.action == "stats":
             print(orjson.dumps(await limiter.stats(), option=orjson.OPT_INDENT_2).decode())
         elif args.action == "cleanup":

@@ -288,7 +288,7 @@ async def main() -> None:
     async with run_database(migrated=True) as (dsn, where):
         pool = await create_pool(dsn, args.pool_size)
         try:
-            limiter = Limiter(pool, Queries(), PhoneKeyer(BENCH_KEY), RULES, REGIONS,
+            limiter = Limiter(pool, Queries.load(), PhoneKeyer(BENCH_KEY), RULES, REGIONS,
                               fail_mode="memory", timeout=2.0)
             version = await pool.fetchval("SHOW server_version")
             phases, notes = await run_phases(limiter, pool, args)

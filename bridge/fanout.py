@@ -21,6 +21,7 @@ import orjson
 from bridge.events import Event, EventBus
 from db.bounded import DatabaseAway, run_bounded
 from db.errors import AWAY
+from db.sql import Queries
 
 log = logging.getLogger("callgate.fanout")
 
@@ -47,9 +48,10 @@ def _clip(event: Event) -> Event:
 
 
 class PgFanout:
-    def __init__(self, dsn: str, pool: asyncpg.Pool, bus: EventBus) -> None:
+    def __init__(self, dsn: str, pool: asyncpg.Pool, queries: Queries, bus: EventBus) -> None:
         self._dsn = dsn
         self._pool = pool
+        self._q = queries
         self._bus = bus
         self.instance = secrets.token_hex(6)
         self._outbox: asyncio.Queue[Event] = asyncio.Queue(QUEUE)
@@ -88,7 +90,7 @@ class PgFanout:
             for payload in self._payloads(batch):
                 try:
                     await run_bounded(self._pool, lambda conn, p=payload: conn.execute(
-                        "SELECT pg_notify($1, $2)", CHANNEL, p), SEND_TIMEOUT_S)
+                        self._q.events_notify, CHANNEL, p), SEND_TIMEOUT_S)
                 except DatabaseAway:
                     self._dropped += 1
                     log.debug("fan-out: PostgreSQL away, a batch was not sent")
@@ -132,7 +134,7 @@ class PgFanout:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(closed.wait(), PROBE_EVERY_S)
                     if not closed.is_set():
-                        await conn.fetchval("SELECT 1", timeout=5)
+                        await conn.fetchval(self._q.database_ping, timeout=5)
             except AWAY as exc:
                 log.debug("fan-out listener: %s", type(exc).__name__)
             finally:

@@ -25,7 +25,6 @@ class CallStoreUnavailable(Exception):
 
 class CallStore:
     def __init__(self, pool: asyncpg.Pool, queries: Queries, timeout: float = 2.0) -> None:
-        queries.require("calls_admit", "calls_end_reason", "calls_cleanup", "calls_record", "call_requests_put", "call_requests_get", "calls_status", "calls_mark_refunded", "calls_get", "stream_token_use")
         self._pool = pool
         self._q = queries
         self._timeout = timeout
@@ -45,7 +44,7 @@ class CallStore:
         Returns (admitted, created); a call recorded before is admitted again (not created)."""
         async def admit(conn: asyncpg.Connection) -> asyncpg.Record:
             async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", ADMISSION_LOCK)
+                await conn.execute(self._q.calls_admit_lock, ADMISSION_LOCK)
                 return await conn.fetchrow(self._q.calls_admit, call_sid, charge_id, direction, region,
                                            scenario_id, max_live, stale_after_s)
 

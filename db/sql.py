@@ -1,33 +1,65 @@
-"""The SQL the server runs, read once at start from ``sql/*.sql``.
+"""The SQL the server runs, read once at start from ``sql/*.sql``, and the migrations.
 
 Each file is one statement with a header saying what ``$1..$n`` mean and what comes back.
-A missing file fails at start, naming the file, not at the first call that needs it.
+``Queries`` declares every file as a field: loading fails, naming the file, when one is
+missing or when a file has no field (a statement nobody runs, or a typo in a name); a test
+prepares every one against the migrated schema. Code says ``queries.limiter_hit`` and a
+misspelt name is an AttributeError at the line that has it, found by any linter.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 MIGRATIONS_DIR = SQL_DIR / "migrations"
 
 
+class SqlFilesError(RuntimeError):
+    """The files in sql/ are not the set ``Queries`` declares."""
+
+
+@dataclass(frozen=True)
 class Queries:
-    """``queries.limiter_hit`` is the text of ``sql/limiter_hit.sql``, and so on."""
+    """The text of each ``sql/<field>.sql``."""
 
-    def __init__(self, directory: Path = SQL_DIR) -> None:
-        self._text = {path.stem: path.read_text() for path in sorted(directory.glob("*.sql"))}
+    admin_stats: str
+    call_requests_get: str
+    call_requests_put: str
+    calls_admit: str
+    calls_admit_lock: str
+    calls_cleanup: str
+    calls_end_reason: str
+    calls_get: str
+    calls_mark_refunded: str
+    calls_record: str
+    calls_status: str
+    database_ping: str
+    events_notify: str
+    limiter_cleanup: str
+    limiter_hit: str
+    limiter_refund: str
+    limiter_refund_at: str
+    limiter_rekey: str
+    limiter_rekey_charges: str
+    limiter_reset: str
+    limiter_status: str
+    stream_token_use: str
 
-    def __getattr__(self, name: str) -> str:
-        try:
-            return self._text[name]
-        except KeyError:
-            raise AttributeError(f"no SQL file sql/{name}.sql") from None
-
-    def require(self, *names: str) -> None:
-        missing = [n for n in names if n not in self._text]
-        if missing:
-            raise FileNotFoundError(f"missing SQL files: {', '.join(f'sql/{n}.sql' for n in missing)}")
+    @classmethod
+    def load(cls, directory: Path = SQL_DIR) -> Queries:
+        files = {path.stem: path.read_text() for path in sorted(directory.glob("*.sql"))}
+        declared = {f.name for f in dataclasses.fields(cls)}
+        problems = []
+        if missing := sorted(declared - files.keys()):
+            problems.append("missing " + ", ".join(f"sql/{name}.sql" for name in missing))
+        if extra := sorted(files.keys() - declared):
+            problems.append("not declared in db/sql.py: " + ", ".join(f"sql/{name}.sql" for name in extra))
+        if problems:
+            raise SqlFilesError("the SQL files and db/sql.py's Queries disagree: " + "; ".join(problems))
+        return cls(**files)
 
 
 def migrations(directory: Path = MIGRATIONS_DIR) -> list[tuple[str, str]]:

@@ -79,9 +79,6 @@ class Limiter:
     ) -> None:
         if fail_mode not in FAIL_MODES:
             raise ValueError(f"fail_mode must be one of {FAIL_MODES}, not {fail_mode!r}")
-        queries.require("limiter_hit", "limiter_status", "limiter_refund", "limiter_refund_at",
-                        "limiter_rekey", "limiter_rekey_charges", "limiter_cleanup", "limiter_reset",
-                        "admin_stats")
         self._pool = pool
         self._q = queries
         self._keyer = keyer
@@ -152,10 +149,17 @@ class Limiter:
     async def _fetchrow(self, query: str, *args: Any, deadline: _Deadline | None = None) -> asyncpg.Record:
         return await self._run(lambda conn: conn.fetchrow(query, *args), deadline or _Deadline(self._timeout))
 
+    async def _charge(self, key: bytes, charge_id: str, rules: Rules, region: str, deadline: _Deadline, *,
+                      at_ms: int | None = None, force: bool = False) -> asyncpg.Record:
+        """One ``sql/limiter_hit.sql``: charge ``charge_id`` to the log of ``key`` under ``rules``,
+        now (or at ``at_ms``, with ``force`` for a charge that already happened: a write-back)."""
+        return await self._fetchrow(self._q.limiter_hit, key, charge_id, rules.max_calls, rules.window_ms,
+                                    rules.cooldown_ms, self._clock(), at_ms, force, region, deadline=deadline)
+
     async def check_database(self) -> bool:
         """Ask PostgreSQL for a trivial answer; updates and returns ``database_ok``."""
         try:
-            await self._fetchrow("SELECT 1")
+            await self._fetchrow(self._q.database_ping)
         except LimiterError:
             return False
         return True
@@ -194,10 +198,7 @@ class Limiter:
             if self._keyer.rotating:
                 await self._rekey(key, self._keyer.previous(phone.e164), deadline)
             sent = True
-            row = await self._fetchrow(
-                self._q.limiter_hit, key, charge_id, self.rules.max_calls, self.rules.window_ms,
-                self.rules.cooldown_ms, self._clock(), None, False, phone.region, deadline=deadline,
-            )
+            row = await self._charge(key, charge_id, self.rules, phone.region, deadline)
         except LimiterUnavailable as exc:
             decision = self._hit_while_away(key, phone.region, charge_id, unknown=sent and exc.sent)
         else:
@@ -240,10 +241,7 @@ class Limiter:
             raise ValueError("a budget's window may not exceed BUDGET_RETENTION_MS")
         self._check_charge_id(charge_id)
         try:
-            row = await self._fetchrow(
-                self._q.limiter_hit, self._keyer.key(name), charge_id, rules.max_calls, rules.window_ms,
-                rules.cooldown_ms, self._clock(), None, False, "budget",
-            )
+            row = await self._charge(self._keyer.key(name), charge_id, rules, "budget", _Deadline(self._timeout))
         except LimiterUnavailable:
             return None
         return summarize(row["times"], row["now_ms"], rules, admitted=row["admitted"])
@@ -335,10 +333,7 @@ class Limiter:
         charge = self.memory.pending.get(charge_id)
         if charge is None:
             return  # refunded meanwhile: never written
-        await self._fetchrow(
-            self._q.limiter_hit, charge.key, charge_id, self.rules.max_calls, self.rules.window_ms,
-            self.rules.cooldown_ms, self._clock(), charge.at_ms, True, charge.region, deadline=deadline,
-        )
+        await self._charge(charge.key, charge_id, self.rules, charge.region, deadline, at_ms=charge.at_ms, force=True)
         self.memory.pending.pop(charge_id, None)
 
     async def _write_back_key(self, key: bytes, deadline: _Deadline) -> None:

@@ -6,7 +6,7 @@
 --   region text, rows bigint (log rows kept), calls_in_window bigint,
 --   numbers_at_limit bigint (rows whose live log is full)
 WITH clock AS (
-    SELECT coalesce($3::bigint, floor(extract(epoch FROM statement_timestamp()) * 1000)::bigint) AS now_ms
+    SELECT callgate_now_ms($3) AS now_ms
 ), per_row AS (
     SELECT p.region,
            (SELECT count(*) FROM unnest(p.times) AS t WHERE t > clock.now_ms - $2) AS live

@@ -8,7 +8,7 @@
 --    call.starts) have windows of their own; they are kept this long, the longest of those
 -- Returns one row: rows bigint, charges bigint (how many of each were deleted).
 WITH clock AS (
-    SELECT coalesce($4::bigint, floor(extract(epoch FROM statement_timestamp()) * 1000)::bigint) AS now_ms
+    SELECT callgate_now_ms($4) AS now_ms
 ), stale_rows AS (
     DELETE FROM phone_limits
      WHERE key IN (SELECT p.key FROM phone_limits AS p, clock

@@ -15,7 +15,7 @@
 -- run one after another. Nothing here reads phone_limits through the statement's snapshot.
 -- Lock order, the same in every statement here: the phone_limits row, then limiter_charges.
 WITH clock AS (
-    SELECT coalesce($6::bigint, floor(extract(epoch FROM statement_timestamp()) * 1000)::bigint) AS now_ms
+    SELECT callgate_now_ms($6) AS now_ms
 ), known AS (
     -- Snapshot read, but only for charges old enough to have left the log, or refunded;
     -- recent duplicates are caught inside the locked row.

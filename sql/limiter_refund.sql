@@ -11,15 +11,13 @@ WITH target AS (
     SELECT key FROM limiter_charges WHERE charge_id = $1 AND refunded_at IS NULL
 ), removed AS (
     UPDATE phone_limits AS p
-       SET (times, charges) = (
-           SELECT coalesce(array_agg(t ORDER BY t, c), '{}'), coalesce(array_agg(c ORDER BY t, c), '{}')
-             FROM unnest(p.times, p.charges) AS u(t, c) WHERE c <> $1)
+       SET (times, charges) = (SELECT * FROM callgate_log_without(p.times, p.charges, $1))
       FROM target
      WHERE p.key = target.key AND $1 = ANY (p.charges)
     RETURNING p.key
 ), tombstoned AS (
     UPDATE limiter_charges
-       SET refunded_at = floor(extract(epoch FROM statement_timestamp()) * 1000)::bigint
+       SET refunded_at = callgate_now_ms(NULL)
      WHERE charge_id = $1 AND refunded_at IS NULL AND (SELECT count(*) FROM removed) >= 0
     RETURNING key
 )

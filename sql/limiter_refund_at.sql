@@ -5,8 +5,6 @@
 -- $1 charge_id text   $2 key bytea (as returned by limiter_refund.sql)
 -- Returns one row per row changed: key bytea.
 UPDATE phone_limits AS p
-   SET (times, charges) = (
-       SELECT coalesce(array_agg(t ORDER BY t, c), '{}'), coalesce(array_agg(c ORDER BY t, c), '{}')
-         FROM unnest(p.times, p.charges) AS u(t, c) WHERE c <> $1)
+   SET (times, charges) = (SELECT * FROM callgate_log_without(p.times, p.charges, $1))
  WHERE p.key = $2 AND $1 = ANY (p.charges)
 RETURNING p.key

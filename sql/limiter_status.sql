@@ -5,7 +5,7 @@
 -- $3 now_ms bigint    NULL: the database clock
 -- Returns one row: times bigint[] (ascending, live entries of all those rows), now_ms bigint.
 WITH clock AS (
-    SELECT coalesce($3::bigint, floor(extract(epoch FROM statement_timestamp()) * 1000)::bigint) AS now_ms
+    SELECT callgate_now_ms($3) AS now_ms
 )
 SELECT coalesce((SELECT array_agg(t ORDER BY t)
                    FROM phone_limits AS p, unnest(p.times) AS t

@@ -29,7 +29,7 @@ def make_limiter(pool, *, max_calls: int = 2, window_ms: int = 3_600_000, cooldo
                  key: str = TEST_KEY, previous: tuple[str, ...] = (), fail_mode: str = "memory",
                  clock=None, timeout: float = 2.0, regions=("US", "AU", "IN")) -> Limiter:
     return Limiter(
-        pool, Queries(), PhoneKeyer(key, previous), Rules(max_calls, window_ms, cooldown_ms),
+        pool, Queries.load(), PhoneKeyer(key, previous), Rules(max_calls, window_ms, cooldown_ms),
         Regions("US", frozenset(regions)), fail_mode=fail_mode, timeout=timeout,
         **({"clock": clock} if clock else {}),
     )

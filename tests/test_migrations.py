@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import asyncpg
+import pytest
 
 from db.migrate import migrate
-from db.sql import Queries, migrations
+from db.sql import SQL_DIR, Queries, SqlFilesError, migrations
 
 
 async def _schema(conn: asyncpg.Connection) -> list[tuple]:
@@ -53,12 +55,22 @@ async def test_concurrent_starts_apply_each_migration_once(server_dsn):
 
 
 async def test_every_query_file_prepares_against_the_migrated_schema(pool):
-    """Each sql/*.sql file names tables, columns and functions the migrations created."""
-    queries = Queries()
+    """Every statement Queries declares names tables, columns and functions the migrations
+    created (PostgreSQL parses, resolves and plans each one)."""
+    queries = Queries.load()
     async with pool.acquire() as conn:
-        for name in ("limiter_hit", "limiter_status", "limiter_refund", "limiter_refund_at",
-                     "limiter_rekey", "limiter_cleanup", "limiter_reset", "admin_stats"):
-            await conn.prepare(getattr(queries, name))
+        for field in dataclasses.fields(Queries):
+            await conn.prepare(getattr(queries, field.name))
+
+
+def test_the_sql_folder_and_the_declared_queries_agree(tmp_path):
+    """A file missing from sql/, or one no field declares, fails loading and names the file."""
+    for path in SQL_DIR.glob("*.sql"):
+        (tmp_path / path.name).write_text(path.read_text())
+    (tmp_path / "calls_get.sql").unlink()
+    (tmp_path / "calls_gett.sql").write_text("SELECT 1")
+    with pytest.raises(SqlFilesError, match=r"missing sql/calls_get\.sql; not declared in db/sql.py: sql/calls_gett\.sql"):
+        Queries.load(tmp_path)
 
 
 async def test_migrating_through_the_pool_waits_out_another_instance(dsn):
@@ -87,7 +99,7 @@ async def test_calls_cleanup_forgets_only_what_is_old(pool):
     """Spent tokens and call requests go after a day, call records after their retention."""
     from db.calls import CallStore
 
-    store = CallStore(pool, Queries())
+    store = CallStore(pool, Queries.load())
     await pool.execute("INSERT INTO stream_tokens_used (jti, used_at) VALUES ('old', now() - interval '2 days'), ('new', now())")
     await pool.execute("INSERT INTO call_requests (reservation_id, scenario_id, config, voice, created_at) VALUES "
                        "('RSold', 'x', '{}', 'v', now() - interval '2 days'), ('RSnew', 'x', '{}', 'v', now())")

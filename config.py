@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,6 +21,9 @@ import phonenumbers
 VERSION = "0.1.0"
 
 DEVELOPMENT_PHONE_KEY = "callgate-development-key-do-not-use-in-production"
+# The largest HTTP body or WebSocket message any edge accepts (a webhook form, a media frame, a
+# /logs message); larger WebSocket messages close the socket with 1009.
+MAX_MESSAGE_BYTES = 64 * 1024
 
 # Models with an announced shutdown, as the official openai SDK (3.57) lists them in the
 # docstrings of RealtimeSessionCreateRequest.model and AudioTranscription.model
@@ -204,7 +207,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("RATE_LIMIT_SESSION_DURATION", "300000", "longest call, ms", _int(1000), "session_duration_ms"),
     Variable("SHUTDOWN_DRAIN_MS", "120000", "on SIGTERM, how long live calls may go on before they are ended, ms", _int(0, 3_600_000), "shutdown_drain_ms"),
     Variable("LIMITER_FAIL_MODE", "memory", "when PostgreSQL is unreachable: memory, closed or open", _choice("memory", "closed", "open"), "limiter_fail_mode"),
-    Variable("LIMITER_TIMEOUT_MS", "2000", "longest wait for one limiter statement (pool acquire + statement), ms", _int(50, 60_000), "limiter_timeout_ms"),
+    Variable("LIMITER_TIMEOUT_MS", "2000", "longest wait for any one database call (the limiter's, the call store's, the fan-out's: pool acquire + statement), ms", _int(50, 60_000), "database_timeout_ms"),
     Variable("DATABASE_POOL_SIZE", "10", "connections in the PostgreSQL pool", _int(1, 100), "pool_size"),
     Variable("ALLOWED_ORIGINS", None, "browser origins accepted on /logs (default: PUBLIC_URL's, plus localhost in development)", _origins, "allowed_origins"),
     Variable("TURNSTILE_SECRET_KEY", None, "when set, call.start needs a verified Turnstile token", _secret, "turnstile_secret", True),
@@ -232,46 +235,50 @@ VARIABLES: tuple[Variable, ...] = (
 
 @dataclass(frozen=True)
 class Settings:
-    port: int = 8081
-    public_url: str = ""
-    database_url: Secret | None = None
-    fly_database_url: Secret | None = None
-    data_dir: Path = Path(".callgate")
-    phone_key: Secret = field(default_factory=lambda: Secret(DEVELOPMENT_PHONE_KEY))
-    phone_previous_keys: tuple[Secret, ...] = ()
-    default_region: str = "US"
-    allowed_regions: frozenset[str] = frozenset({"US", "AU", "IN"})
-    phone_max_calls: int = 2
-    phone_window_ms: int = 3_600_000
-    phone_cooldown_ms: int = 0
-    max_concurrent_calls: int = 10
-    max_connections_per_ip: int = 5
-    session_duration_ms: int = 300_000
-    shutdown_drain_ms: int = 120_000
-    limiter_fail_mode: str = "memory"
-    limiter_timeout_ms: int = 2000
-    pool_size: int = 10
-    allowed_origins: tuple[str, ...] = ()
-    turnstile_secret: Secret | None = None
-    turnstile_site_key: str | None = None
-    turnstile_verify_url: str = "https://challenges.cloudflare.com/turnstile/v0/siteverify"
-    openai_api_key: Secret | None = None
-    openai_realtime_url: str = "wss://api.openai.com/v1/realtime"
-    openai_realtime_model: str = "gpt-realtime-1.5"
-    openai_transcription_model: str = "gpt-live-transcribe"
-    model_ready_timeout_ms: int = 10_000
-    twilio_account_sid: str | None = None
-    twilio_auth_token: Secret | None = None
-    twilio_shared_key: Secret | None = None
-    twilio_number_us: str | None = None
-    twilio_number_au: str | None = None
-    twilio_number_in: str | None = None
-    twilio_api_base_url: str = "https://api.twilio.com"
-    twilio_rest_timeout_ms: int = 10_000
-    env: str = "development"
-    admin_token: Secret | None = None
-    log_format: str = "text"
-    log_level: str = "info"
+    """One field per variable of ``VARIABLES`` (its ``field``), filled by ``from_env``: the
+    defaults live in that table only. Derived defaults (PUBLIC_URL's, ALLOWED_ORIGINS', the
+    development phone key) are filled by ``checked``."""
+
+    port: int
+    public_url: str
+    database_url: Secret | None
+    fly_database_url: Secret | None
+    data_dir: Path
+    phone_key: Secret
+    phone_previous_keys: tuple[Secret, ...]
+    default_region: str
+    allowed_regions: frozenset[str]
+    phone_max_calls: int
+    phone_window_ms: int
+    phone_cooldown_ms: int
+    max_concurrent_calls: int
+    max_connections_per_ip: int
+    session_duration_ms: int
+    shutdown_drain_ms: int
+    limiter_fail_mode: str
+    database_timeout_ms: int
+    pool_size: int
+    allowed_origins: tuple[str, ...]
+    turnstile_secret: Secret | None
+    turnstile_site_key: str | None
+    turnstile_verify_url: str
+    openai_api_key: Secret | None
+    openai_realtime_url: str
+    openai_realtime_model: str
+    openai_transcription_model: str
+    model_ready_timeout_ms: int
+    twilio_account_sid: str | None
+    twilio_auth_token: Secret | None
+    twilio_shared_key: Secret | None
+    twilio_number_us: str | None
+    twilio_number_au: str | None
+    twilio_number_in: str | None
+    twilio_rest_timeout_ms: int
+    twilio_api_base_url: str
+    env: str
+    admin_token: Secret | None
+    log_format: str
+    log_level: str
     # Warnings found while reading (e.g. the development phone key); logged at start.
     warnings: tuple[str, ...] = ()
 
@@ -296,6 +303,7 @@ class Settings:
             if raw is None or (raw.strip() == "" and var.default is None):
                 raw = var.default
             if raw is None:
+                values[var.field] = None
                 continue
             try:
                 values[var.field] = var.parse(raw)
@@ -308,9 +316,10 @@ class Settings:
         """Fill derived defaults and refuse combinations that cannot run."""
         warnings = list(self.warnings)
         public_url = self.public_url or f"http://localhost:{self.port}"
-        key = self.phone_key.value
+        phone_key = self.phone_key or Secret(DEVELOPMENT_PHONE_KEY)
+        key = phone_key.value
         if self.production:
-            if key == DEVELOPMENT_PHONE_KEY or self.phone_key == Secret(DEVELOPMENT_PHONE_KEY):
+            if key == DEVELOPMENT_PHONE_KEY:
                 raise ConfigError("PHONE_ENCRYPTION_KEY must be set when CALLGATE_ENV=production")
             if len(key) < MIN_PRODUCTION_KEY_LENGTH:
                 raise ConfigError(
@@ -348,7 +357,7 @@ class Settings:
             origins = (normalise_origin(public_url),)
             if not self.production:
                 origins += tuple(f"http://{h}:{self.port}" for h in ("localhost", "127.0.0.1"))
-        return dataclasses.replace(self, public_url=public_url, allowed_origins=origins,
+        return dataclasses.replace(self, public_url=public_url, allowed_origins=origins, phone_key=phone_key,
                                    warnings=tuple(dict.fromkeys(warnings)))
 
 

@@ -1,35 +1,38 @@
 """Callgate: an AI voice agent on the phone.
 
 ``create_app(settings)`` builds the application for ``main()`` and for the tests alike: the
-routes on one screen, and every resource with a start and an end in one cleanup context.
+shared state, one cleanup context per resource with a start and an end, and the routes on
+one screen. ``serve`` is the lifecycle: listen → SIGTERM → drain (listener still open) →
+cleanup. The rest is the command line.
 
     python server.py                      # serve on 0.0.0.0:$PORT
     python server.py admin stats|reset NUMBER|cleanup|migrate
+
+Where to start reading: a call's flow is in ``calls/admission.py``'s docstring, a call.start's
+in ``calls/outbound.py``'s, a limiter decision in ``limiter/limiter.py``'s.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import html
+import contextlib
+import functools
 import logging
 import os
 import signal
 import sys
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import orjson
 from aiohttp import WSCloseCode, web
 
 import logsetup
-import scenarios
 from appkeys import (
     BUS,
     CALL_SERVICES,
     CALL_STORE,
-    CALLS,
     DATABASE,
     FANOUT,
     FRONTEND,
@@ -38,25 +41,27 @@ from appkeys import (
     LIMITER,
     METRICS,
     REFUSALS,
+    SERVICES,
     SETTINGS,
     TOKEN_SECRET,
     TWILIO_REST,
-    FrontendState,
-    Lifecycle,
 )
-from bridge import functions, tokens
+from bridge import tokens
 from bridge.call import CallServices
-from bridge.events import STATUS_RANK, EventBus
+from bridge.events import EventBus
 from bridge.fanout import PgFanout
-from bridge.model import ModelConnector, RealtimeConnector
 from bridge.offline import OfflineConnector
-from config import VERSION, ConfigError, Settings, help_text
-from db.calls import CallStore, CallStoreUnavailable
+from bridge.realtime_client import ModelConnector, RealtimeConnector
+from calls import status
+from calls.services import Services
+from config import MAX_MESSAGE_BYTES, VERSION, ConfigError, Settings, help_text
+from db.calls import CallStore
 from db.database import open_database
 from db.migrate import migrate
 from db.sql import Queries
-from handlers import admin, cors, frontend, health
+from handlers import admin, cors, frontend, health, pages
 from handlers import twilio as twilio_handlers
+from lifecycle import FrontendState, Lifecycle
 from limiter.limiter import Limiter, Regions
 from limiter.phone import PhoneKeyer
 from limiter.rules import Rules
@@ -67,8 +72,108 @@ from twilio_rest import TwilioRest
 log = logging.getLogger("callgate")
 
 WRAP_UP_S = 20.0  # the agent is asked to wrap up this long before the session limit
-STATIC_DIR = Path(__file__).resolve().parent / "static"
-INDEX_HTML = web.AppKey("index_html", str)
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(client_max_size=MAX_MESSAGE_BYTES, middlewares=[cors.cors])
+    app[SETTINGS] = settings
+    app[METRICS] = Metrics()
+    app[LIFECYCLE] = lifecycle = Lifecycle()
+    app[METRICS].active_calls.set_function(lambda: lifecycle.active_calls)
+    app[BUS] = EventBus(status.rank)
+    app[FRONTEND] = FrontendState()
+    app[REFUSALS] = Throttled(logging.getLogger("callgate.refused"))
+    app[TOKEN_SECRET] = tokens.derive_secret(settings.phone_key.value)
+    app[pages.INDEX_HTML] = pages.render_index(settings)
+
+    app.cleanup_ctx.extend([twilio_rest, http_client, database, limiter_duties, calls_duties, event_fanout])
+    app.on_shutdown.append(last_calls)
+
+    app.router.add_get("/healthz", health.healthz)
+    app.router.add_get("/health", health.health)
+    app.router.add_get("/metrics", health.metrics)
+    app.router.add_route("*", "/twiml", twilio_handlers.twiml)
+    app.router.add_post("/twilio/status", twilio_handlers.status_callback)
+    app.router.add_get("/call", twilio_handlers.media_stream)
+    app.router.add_get("/logs", frontend.logs)
+    app.router.add_get("/", pages.index)
+    app.router.add_static("/static/", pages.STATIC_DIR)
+    app.router.add_get("/scenarios", pages.list_scenarios)
+    app.router.add_get("/tools", pages.list_tools)
+    app.router.add_get("/public-url", pages.public_url)
+    app.router.add_get("/admin/stats", admin.stats)
+    return app
+
+
+# --- resources: one cleanup context each, started in this order, ended in reverse -----------
+
+
+async def twilio_rest(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    app[TWILIO_REST] = rest = TwilioRest(s.twilio_account_sid, s.twilio_auth_token.value if s.twilio_auth_token else None,
+                                         s.twilio_api_base_url, s.twilio_rest_timeout_ms / 1000)
+    yield
+    await rest.close()
+
+
+async def http_client(app: web.Application) -> AsyncIterator[None]:
+    app[HTTP] = session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+    yield
+    await session.close()
+
+
+async def database(app: web.Application) -> AsyncIterator[None]:
+    """PostgreSQL (embedded or not, migrated), and what works through its pool."""
+    settings = app[SETTINGS]
+    async with open_database(settings) as db:
+        app[DATABASE] = db
+        queries = Queries.load()  # every sql/*.sql, read once and checked
+        app[LIMITER] = limiter = build_limiter(settings, db.pool, queries, app[METRICS])
+        app[CALL_STORE] = store = CallStore(db.pool, queries, settings.database_timeout_ms / 1000)
+        app[FANOUT] = PgFanout(db.dsn, db.pool, queries, app[BUS])
+        app[SERVICES] = Services(settings, limiter, store, app[BUS], app[TWILIO_REST], app[HTTP],
+                                 app[TOKEN_SECRET], app[LIFECYCLE])
+        app[CALL_SERVICES] = call_services(settings, app)
+        yield
+
+
+async def limiter_duties(app: web.Application) -> AsyncIterator[None]:
+    """Noticing PostgreSQL's return, writing back charges made while it was away, cleanup."""
+    async with _duty(app[LIMITER].maintain(), "limiter-maintenance"):
+        yield
+
+
+async def calls_duties(app: web.Application) -> AsyncIterator[None]:
+    async with _duty(tidy_calls(app[CALL_STORE]), "calls-maintenance"):
+        yield
+
+
+async def event_fanout(app: web.Application) -> AsyncIterator[None]:
+    """Events to and from the other instances (LISTEN/NOTIFY)."""
+    fanout, bus = app[FANOUT], app[BUS]
+    bus.forward = fanout.offer
+    try:
+        async with _duty(fanout.run(), "event-fanout"):
+            yield
+    finally:
+        bus.forward = None
+
+
+@contextlib.asynccontextmanager
+async def _duty(coro, name: str) -> AsyncIterator[None]:
+    """A background task for as long as the context lasts."""
+    task = asyncio.create_task(coro, name=name)
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def last_calls(app: web.Application) -> None:
+    # Runs when aiohttp shuts down, after it stopped reading from every connection: any call
+    # still live (serve() drains them first) can only be ended now.
+    await drain(app, timeout=0)
 
 
 def build_limiter(settings: Settings, db_pool, queries: Queries, metrics: Metrics | None = None) -> Limiter:
@@ -79,7 +184,7 @@ def build_limiter(settings: Settings, db_pool, queries: Queries, metrics: Metric
         Rules(settings.phone_max_calls, settings.phone_window_ms, settings.phone_cooldown_ms),
         Regions(settings.default_region, settings.allowed_regions),
         fail_mode=settings.limiter_fail_mode,
-        timeout=settings.limiter_timeout_ms / 1000,
+        timeout=settings.database_timeout_ms / 1000,
         observe=metrics.observe_limiter if metrics else None,
     )
 
@@ -91,87 +196,39 @@ def model_connector(settings: Settings) -> ModelConnector:
     return OfflineConnector()
 
 
-def create_app(settings: Settings) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024, middlewares=[cors.cors])
-    app[SETTINGS] = settings
-    app[METRICS] = Metrics()
-    app[LIFECYCLE] = Lifecycle()
-    app[BUS] = EventBus()
-    app[CALLS] = {}
-    app[FRONTEND] = FrontendState()
-    app[REFUSALS] = Throttled(logging.getLogger("callgate.refused"))
-    app[INDEX_HTML] = render_index(settings)
-    app[TOKEN_SECRET] = tokens.derive_secret(settings.phone_key.value)
-    connector = model_connector(settings)
-
-    async def resources(app: web.Application) -> AsyncIterator[None]:
-        rest = app[TWILIO_REST] = TwilioRest(settings.twilio_account_sid,
-                                             settings.twilio_auth_token.value if settings.twilio_auth_token else None,
-                                             settings.twilio_api_base_url, settings.twilio_rest_timeout_ms / 1000)
-        app[HTTP] = http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
-        try:
-            async with open_database(settings) as db:
-                app[DATABASE] = db
-                queries = Queries.load()  # every sql/*.sql, read once and checked
-                app[LIMITER] = limiter = build_limiter(settings, db.pool, queries, app[METRICS])
-                app[CALL_STORE] = store = CallStore(db.pool, queries, settings.limiter_timeout_ms / 1000)
-                app[CALL_SERVICES] = call_services(settings, app, connector, rest, store)
-                app[FANOUT] = fanout = PgFanout(db.dsn, db.pool, queries, app[BUS])
-                app[BUS].forward = fanout.offer
-                duties = [asyncio.create_task(limiter.maintain(), name="limiter-maintenance"),
-                          asyncio.create_task(tidy_calls(store), name="calls-maintenance"),
-                          asyncio.create_task(fanout.run(), name="event-fanout")]
-                try:
-                    yield
-                finally:
-                    app[BUS].forward = None
-                    for duty in duties:
-                        duty.cancel()
-                    await asyncio.gather(*duties, return_exceptions=True)
-        finally:
-            await rest.close()
-            await http.close()
-
-    async def last_calls(app: web.Application) -> None:
-        # Runs when aiohttp shuts down, after it stopped reading from every connection: any
-        # call still live (serve() drains them first) can only be ended now.
-        await drain(app, timeout=0)
-
-    app.cleanup_ctx.append(resources)
-    app.on_shutdown.append(last_calls)
-
-    app.router.add_get("/healthz", health.healthz)
-    app.router.add_get("/health", health.health)
-    app.router.add_get("/metrics", health.metrics)
-    app.router.add_route("*", "/twiml", twilio_handlers.twiml)
-    app.router.add_post("/twilio/status", twilio_handlers.status_callback)
-    app.router.add_get("/call", twilio_handlers.media_stream)
-    app.router.add_get("/logs", frontend.logs)
-    app.router.add_get("/", index)
-    app.router.add_static("/static/", STATIC_DIR)
-    app.router.add_get("/scenarios", list_scenarios)
-    app.router.add_get("/tools", list_tools)
-    app.router.add_get("/public-url", public_url)
-    app.router.add_get("/admin/stats", admin.stats)
-    return app
+def call_services(settings: Settings, app: web.Application) -> CallServices:
+    duration = settings.session_duration_ms / 1000
+    return CallServices(
+        connector=model_connector(settings),
+        bus=app[BUS],
+        hangup=app[TWILIO_REST].hangup,
+        record_status=functools.partial(status.record, app[CALL_STORE]),
+        transcription_model=settings.openai_transcription_model,
+        session_duration_s=duration,
+        wrap_up_s=min(WRAP_UP_S, duration / 4),
+        ready_timeout_s=settings.model_ready_timeout_ms / 1000,
+        observe_frame=app[METRICS].frame_observer(),
+        count_response_failure=app[METRICS].count_response_failure,
+    )
 
 
 async def tidy_calls(store: CallStore, every: float = 300.0) -> None:
     """Background duty until cancelled: forget spent tokens, stale call requests, old calls."""
     while True:
         await asyncio.sleep(every)
-        try:
-            if deleted := await store.cleanup():
-                log.info("calls cleanup deleted %d row(s)", deleted)
-        except CallStoreUnavailable:
-            continue
+        if deleted := await store.cleanup():
+            log.info("calls cleanup deleted %d row(s)", deleted)
+
+
+# --- the lifecycle ----------------------------------------------------------------------------
 
 
 async def drain(app: web.Application, timeout: float) -> None:
     """Shutdown, first step, with the listener still open: /healthz answers 503 and new calls
     are refused with TwiML, while live calls keep relaying until they end or ``timeout``
     passes; then those left are ended (and hung up over REST) and awaited."""
-    lifecycle, calls = app[LIFECYCLE], app[CALLS]
+    lifecycle = app[LIFECYCLE]
+    calls = lifecycle.calls
     lifecycle.draining = True
     # Browsers reconnect elsewhere at once on GOING_AWAY (1001); left open, they would hold
     # shutdown until its timeout and then see 1006.
@@ -212,75 +269,6 @@ async def serve(settings: Settings, host: str) -> None:
     finally:
         await runner.cleanup()
     log.info("stopped")
-
-
-def call_services(settings: Settings, app: web.Application, connector: ModelConnector, rest: TwilioRest,
-                  store: CallStore) -> CallServices:
-    async def record_status(call_sid: str, status: str, reason: str | None) -> bool:
-        try:
-            moved = await store.set_status(call_sid, status, STATUS_RANK[status], reason)
-            if reason and not moved:
-                # Twilio's "completed" came first: say why, once.
-                return await store.set_end_reason(call_sid, reason)
-            return moved
-        except CallStoreUnavailable:
-            log.warning("call %s: status %s not recorded (database unavailable)", call_sid, status)
-            return True
-
-    duration = settings.session_duration_ms / 1000
-    return CallServices(
-        connector=connector,
-        bus=app[BUS],
-        hangup=rest.hangup,
-        record_status=record_status,
-        transcription_model=settings.openai_transcription_model,
-        session_duration_s=duration,
-        wrap_up_s=min(WRAP_UP_S, duration / 4),
-        ready_timeout_s=settings.model_ready_timeout_ms / 1000,
-        observe_frame=app[METRICS].frame_observer(),
-        count_response_failure=app[METRICS].count_response_failure,
-    )
-
-
-def render_index(settings: Settings) -> str:
-    """The page, with the Turnstile site key on <body> when one is configured."""
-    page = (STATIC_DIR / "index.html").read_text()
-    if settings.turnstile_site_key:
-        page = page.replace("\n<body>\n", f'\n<body data-turnstile-sitekey="{html.escape(settings.turnstile_site_key)}">\n', 1)
-    return page
-
-
-# The page loads only its own files (and Turnstile's, when configured) and is never framed.
-PAGE_HEADERS = {
-    "Cache-Control": "no-cache",
-    "Content-Security-Policy": (
-        "default-src 'self'; script-src 'self' https://challenges.cloudflare.com; "
-        "frame-src https://challenges.cloudflare.com; connect-src 'self'; img-src 'self' data:; "
-        "style-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
-    ),
-    "X-Frame-Options": "DENY",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
-
-
-async def index(request: web.Request) -> web.Response:
-    return web.Response(text=request.app[INDEX_HTML], content_type="text/html", headers=PAGE_HEADERS)
-
-
-async def list_scenarios(request: web.Request) -> web.Response:
-    """phone-screen's shape: a bare array, the default scenario first."""
-    ordered = sorted(scenarios.SCENARIOS.values(), key=lambda s: s.id != scenarios.DEFAULT_SCENARIO)
-    return web.json_response([s.schema() for s in ordered])
-
-
-async def list_tools(request: web.Request) -> web.Response:
-    """phone-screen's shape: a bare array of function schemas."""
-    return web.json_response(functions.schemas())
-
-
-async def public_url(request: web.Request) -> web.Response:
-    return web.json_response({"publicUrl": request.app[SETTINGS].public_url})
 
 
 # --- command line ---------------------------------------------------------------------------

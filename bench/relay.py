@@ -102,7 +102,7 @@ sys.path.insert(0, str(ROOT))
 import orjson  # noqa: E402
 from aiohttp import web  # noqa: E402
 
-from appkeys import CALLS, METRICS  # noqa: E402
+from appkeys import LIFECYCLE, METRICS  # noqa: E402
 from bench.common import run_database  # noqa: E402
 from config import Settings  # noqa: E402
 from server import create_app  # noqa: E402
@@ -517,10 +517,10 @@ def handling_ms(relay: dict[str, float], direction: str) -> tuple[float, str] | 
 async def wait_calls_ended(app: web.Application) -> None:
     """Give the bridge time to finish its calls (model closed, REST hang-up, record written)."""
     deadline = now() + TEARDOWN_TIMEOUT_S
-    while app[CALLS] and now() < deadline:
+    while app[LIFECYCLE].calls and now() < deadline:
         await asyncio.sleep(0.05)
-    if app[CALLS]:
-        log.warning("%d call(s) still live after %g s; shutting down anyway", len(app[CALLS]),
+    if app[LIFECYCLE].calls:
+        log.warning("%d call(s) still live after %g s; shutting down anyway", len(app[LIFECYCLE].calls),
                     TEARDOWN_TIMEOUT_S)
 
 

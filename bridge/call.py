@@ -33,7 +33,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from bridge import events, functions, realtime, twilio
-from bridge.model import ModelConnection, ModelConnector, ModelError
+from bridge.realtime_client import ModelConnection, ModelConnector, ModelError
 from bridge.responses import ASK_PREFIX, ITEM_EVENT_PREFIX, Asker, Outcome
 from scenarios import Scenario
 

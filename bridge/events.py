@@ -16,19 +16,6 @@ log = logging.getLogger("callgate.events")
 
 Event = dict[str, Any]
 
-# Statuses in the order a call moves through them; every final one ranks 100.
-STATUS_RANK = {"queued": 0, "ringing": 10, "in-progress": 20, "connected": 30}
-FINAL_STATUSES = ("ended", "busy", "no-answer", "failed", "canceled")
-STATUS_RANK.update({s: 100 for s in FINAL_STATUSES})
-
-# Twilio's CallStatus values → ours.
-TWILIO_STATUS = {
-    "queued": "queued", "initiated": "queued", "ringing": "ringing", "in-progress": "in-progress",
-    "answered": "in-progress", "completed": "ended", "busy": "busy", "no-answer": "no-answer",
-    "failed": "failed", "canceled": "canceled",
-}
-
-
 def status_changed(call_sid: str, status: str, reason: str | None = None) -> Event:
     event: Event = {"type": "call.status_changed", "callSid": call_sid, "status": status}
     if reason:
@@ -93,7 +80,11 @@ class Subscription:
 
 
 class EventBus:
-    def __init__(self) -> None:
+    """``rank`` orders statuses (calls/status.py): a status ranked below the call's current one
+    is late (another instance, a slow write) and is not delivered, since statuses never go back."""
+
+    def __init__(self, rank: Callable[[str], int]) -> None:
+        self._rank = rank
         self._by_call: dict[str, set[Subscription]] = {}
         self._all: set[Subscription] = set()
         self._status: dict[str, Event] = {}
@@ -108,14 +99,13 @@ class EventBus:
         call_sid = event["callSid"]
         if event["type"] == "call.status_changed":
             current = self._status.get(call_sid)
-            if current is not None and STATUS_RANK.get(event["status"], 0) < STATUS_RANK.get(current["status"], 0):
-                return  # late (another instance, a slow write): statuses never go back
+            if current is not None and self._rank(event["status"]) < self._rank(current["status"]):
+                return  # late: statuses never go back
             self._status[call_sid] = event
-            if event["status"] in FINAL_STATUSES:
-                # Keep the final status for late subscribers, bounded by a simple cap.
-                if len(self._status) > 10_000:
-                    for sid in list(self._status)[:1000]:
-                        self._status.pop(sid, None)
+            # The latest status of recent calls is kept for late subscribers, bounded by a cap.
+            if len(self._status) > 10_000:
+                for sid in list(self._status)[:1000]:
+                    self._status.pop(sid, None)
         # A snapshot: a subscriber may close itself on the event it is given (its call's end).
         for sub in list(self._subscribers(call_sid)):
             sub.offer(event)

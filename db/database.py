@@ -66,7 +66,7 @@ async def open_database(settings: Settings, *, apply_migrations: bool = True) ->
         log.info("no DATABASE_URL: starting the embedded PostgreSQL (data in %s)", embedded.data_dir)
         dsn = await asyncio.to_thread(embedded.start)
     try:
-        pool = await create_pool(dsn, settings.pool_size, settings.limiter_timeout_ms)
+        pool = await create_pool(dsn, settings.pool_size, settings.database_timeout_ms)
         try:
             if apply_migrations:
                 async with pool.acquire() as conn:

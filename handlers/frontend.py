@@ -1,15 +1,17 @@
 """``WS /logs``: the frontend protocol (SPEC §6) for our web page and other apps.
 
-Each client gets a bounded outgoing queue and a sender task of its own: a browser that stops
-reading fills its own queue and is disconnected, and never slows a call or another browser.
-Only typed call events (status, transcripts, function calls) reach a client, and only for
-calls it holds a token for (or every call, for an operator with ADMIN_TOKEN).
+The connection only dispatches messages and delivers events: ``rate_limit_check`` asks the
+limiter, ``call.start`` runs ``calls/outbound.py`` beside the reader, ``call.subscribe`` and
+``call.end`` check the call's token. Each client gets a bounded outgoing queue and a sender
+task of its own: a browser that stops reading fills its own queue and is disconnected, and
+never slows a call or another browser. Only typed call events (status, transcripts, function
+calls) reach a client, and only for calls it holds a token for (or every call, for an operator
+with ADMIN_TOKEN).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -20,38 +22,18 @@ from typing import Any
 import orjson
 from aiohttp import WSMsgType, web
 
-import scenarios
-import turnstile
-from appkeys import (
-    BUS,
-    CALL_STORE,
-    CALLS,
-    FRONTEND,
-    HTTP,
-    LIFECYCLE,
-    LIMITER,
-    METRICS,
-    REFUSALS,
-    SETTINGS,
-    TOKEN_SECRET,
-    TWILIO_REST,
-)
+from appkeys import BUS, CALL_STORE, FRONTEND, LIFECYCLE, LIMITER, METRICS, REFUSALS, SERVICES, SETTINGS, TOKEN_SECRET
 from bridge import events, tokens
-from config import origin_in
-from db.calls import CallStoreUnavailable
-from limiter.errors import InvalidNumber
-from limiter.rules import Decision, Rules
-from twilio_rest import CallOutcomeUnknown, CallRefused
+from calls import outbound, status
+from config import MAX_MESSAGE_BYTES, origin_in
+from limiter.rules import Decision
 
 log = logging.getLogger("callgate.frontend")
 
-MAX_FRAME = 64 * 1024      # larger frames close the socket with 1009
 CLIENT_QUEUE = 256         # messages waiting for one client before it counts as stuck
 SEND_TIMEOUT_S = 5.0       # one message taking longer than this to go out: the client is stuck
 HEARTBEAT_S = 30.0
 CHECKS_PER_S, CHECK_BURST = 10.0, 20   # rate_limit_check: each one is a database read
-CALL_STARTS_PER_IP = 10    # call.start per client address per hour
-CALL_START_WINDOW_S = 3600.0
 
 
 def client_ip(request: web.Request) -> str:
@@ -98,7 +80,7 @@ async def logs(request: web.Request) -> web.StreamResponse:
     # Counted before the upgrade completes: the next upgrade from this address may be handled
     # while this one is still sending its 101.
     state.per_ip[ip] += 1
-    ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_FRAME, compress=False)
+    ws = web.WebSocketResponse(heartbeat=HEARTBEAT_S, max_msg_size=MAX_MESSAGE_BYTES, compress=False)
     client = Client(app, ws, ip, request.transport)
     try:
         await ws.prepare(request)
@@ -159,7 +141,7 @@ class Client:
         self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue(CLIENT_QUEUE)
         self.followed: dict[str, events.Subscription] = {}  # callSid (or "*") → subscription
         self.tokens: dict[str, str] = {}                     # calls this client may end
-        self.placing: OutboundCall | None = None  # the call.start waiting for its answer, if any
+        self.placing = False  # a call.start is waiting for its answer
         self.gone = False
         self._checks = float(CHECK_BURST)
         self._checks_at = time.monotonic()
@@ -278,37 +260,35 @@ class Client:
         if self.app[LIFECYCLE].draining:
             self.send(_error("unavailable", "this server is restarting; try again in a moment"))
             return
+        request = outbound.OutboundRequest(message.get("phoneNumber"), message.get("scenarioId"),
+                                           message.get("config"), message.get("voice"),
+                                           message.get("turnstileToken"), self.ip)
         # Placing a call waits for Twilio: do it beside the reader, so this client's other
         # requests (a rate-limit check, call.end) are still answered meanwhile.
-        outbound = OutboundCall(self, message)
-        self.placing = outbound
-        self.background(self._place_call(outbound), "call.start")
+        self.placing = True
+        self.background(self._place_call(request, message.get("phoneNumber")), "call.start")
 
-    def done_placing(self, outbound: OutboundCall) -> None:
-        """``outbound`` has answered; clears the busy mark only if it is still its own."""
-        if self.placing is outbound:
-            self.placing = None
-
-    async def charge_call_budget(self) -> tuple[bool, str | None]:
-        """At most CALL_STARTS_PER_IP call.starts per hour from one client address, counted
-        exactly across instances by the limiter (keyed by a hash of the address); while
-        PostgreSQL is away, each instance counts for itself. Returns (allowed, the charge id
-        to refund if no call is placed after all)."""
-        rules = Rules(CALL_STARTS_PER_IP, int(CALL_START_WINDOW_S * 1000))
-        charge = "CS" + secrets.token_hex(16)
-        decision = await self.app[LIMITER].hit_budget(f"client-address:{self.ip}", charge, rules)
-        if decision is None:
-            return self.app[FRONTEND].take_call_start(self.ip, CALL_STARTS_PER_IP, CALL_START_WINDOW_S), None
-        return decision.allowed, charge if decision.allowed else None
-
-    async def _place_call(self, outbound: OutboundCall) -> None:
+    async def _place_call(self, request: outbound.OutboundRequest, number_as_sent: object) -> None:
         try:
-            await outbound.place()
+            outcome = await outbound.place(self.app[SERVICES], request, self._on_placed)
         except Exception:  # noqa: BLE001 - a bug must not pass silently
             log.exception("call.start failed")
-            self.send(_error("internal", "the call could not be placed"))
-        finally:
-            self.done_placing(outbound)
+            outcome = outbound.Failed("internal", "the call could not be placed")
+        if isinstance(outcome, outbound.Failed):
+            self.send(_error(outcome.code, outcome.message))
+        elif isinstance(outcome, outbound.LimitExceeded):
+            d = outcome.decision
+            self.send({"type": "rate_limit_exceeded", "phoneNumber": number_as_sent, "reason": d.reason,
+                       "resetTime": d.reset_time, "message": d.message})
+        self.placing = False
+
+    def _on_placed(self, placed: outbound.Placed) -> None:
+        """Reply and follow before anything else is awaited, so no status Twilio reports from
+        now on can slip between them. This client's copy of "queued" carries the token."""
+        self.send({**events.status_changed(placed.call_sid, "queued"), "token": placed.token})
+        self.placing = False  # answered: the next call.start may go
+        self.tokens[placed.call_sid] = placed.token
+        self.follow(placed.call_sid, with_status=False)
 
     async def _call_subscribe(self, message: dict[str, Any]) -> None:
         if message.get("all") is True:
@@ -327,10 +307,7 @@ class Client:
         if self.app[BUS].current_status(call_sid) is None:
             # No news of it here (its stream is on another instance, or it ended long ago):
             # start from what the database knows, before any live event.
-            try:
-                record = await self.app[CALL_STORE].get(call_sid)
-            except CallStoreUnavailable:
-                record = None
+            record = await self.app[CALL_STORE].get(call_sid)
             if record is None:
                 self.send(_error("unknown_call", "no such call is known (it may have ended long ago)"))
                 return
@@ -353,7 +330,7 @@ class Client:
 
     def _deliver(self, event: events.Event) -> None:
         self.send(event)
-        if event["type"] == "call.status_changed" and event["status"] in events.FINAL_STATUSES:
+        if event["type"] == "call.status_changed" and status.is_final(event["status"]):
             sub = self.followed.pop(event["callSid"], None)  # its last event: stop following
             if sub is not None:
                 sub.close()
@@ -366,101 +343,10 @@ class Client:
             self.send(_error("forbidden", "only a client following the call with its token can end it: send "
                              "call.subscribe {callSid, token} first (the token comes with call.start's queued reply)"))
             return
-        call = self.app[CALLS].get(call_sid)
+        call = self.app[LIFECYCLE].calls.get(call_sid)
         if call is not None:
             call.request_end("ended_by_client")
         else:
             # The stream is on another instance, or not open yet: Twilio ends the call, and
             # with it the stream, wherever that is.
-            self.background(self.app[TWILIO_REST].hangup(call_sid), "call.end")
-
-
-class OutboundCall:
-    """One call.start: validate, verify the human, charge, place over Twilio REST, subscribe."""
-
-    def __init__(self, client: Client, message: dict[str, Any]) -> None:
-        self.client = client
-        self.app = client.app
-        self.message = message
-        self.number_as_sent = message.get("phoneNumber")
-        self.budget_charge: str | None = None
-
-    def fail(self, code: str, text: str) -> None:
-        self.client.send(_error(code, text))
-        self.client.done_placing(self)
-
-    async def release_budget(self) -> None:
-        if self.budget_charge is not None:
-            await self.app[LIMITER].refund(self.budget_charge)
-
-    async def place(self) -> None:
-        app, settings, msg = self.app, self.app[SETTINGS], self.message
-        if not isinstance(self.number_as_sent, str):
-            return self.fail("invalid_message", "call.start needs a string phoneNumber")
-        try:
-            phone = app[LIMITER].parse(self.number_as_sent)
-            scenario = scenarios.get(msg.get("scenarioId"))
-            config = scenario.validate(msg.get("config"))
-            voice = scenario.voice(msg.get("voice"))
-        except InvalidNumber as exc:
-            return self.fail("invalid_number", exc.message)
-        except scenarios.ScenarioError as exc:
-            return self.fail("invalid_config", str(exc))
-        if settings.turnstile_secret and not await turnstile.verify(
-                app[HTTP], settings.turnstile_verify_url, settings.turnstile_secret.value,
-                msg.get("turnstileToken"), None if self.client.ip == "unknown" else self.client.ip,
-                timeout=turnstile.VERIFY_TIMEOUT_S):
-            return self.fail("turnstile_failed", "the human check failed; reload the page and try again")
-        caller_id = {"US": settings.twilio_number_us, "AU": settings.twilio_number_au,
-                     "IN": settings.twilio_number_in}.get(phone.region) or settings.twilio_number_us
-        if not app[TWILIO_REST].enabled or not caller_id:
-            return self.fail("telephony_unavailable", "this server is not set up to place calls")
-        # Counted only for requests that would place a call: a typo costs nothing.
-        allowed, self.budget_charge = await self.client.charge_call_budget()
-        if not allowed:
-            return self.fail("too_many_calls", "too many calls placed from your address; try again later")
-
-        reservation = "RS" + secrets.token_hex(16)
-        try:
-            await app[CALL_STORE].put_request(reservation, scenario.id, orjson.dumps(config).decode(), voice)
-        except CallStoreUnavailable:
-            return self.fail("unavailable", "calls cannot be placed right now; try again shortly")
-        decision = await app[LIMITER].hit(phone, reservation)
-        if not decision.allowed:
-            await self.release_budget()
-            self.client.send({"type": "rate_limit_exceeded", "phoneNumber": self.number_as_sent,
-                              "reason": decision.reason, "resetTime": decision.reset_time,
-                              "message": decision.message})
-            self.client.done_placing(self)
-            return None
-
-        public = settings.public_url
-        try:
-            call_sid = await app[TWILIO_REST].create_call(
-                to=phone.e164, from_=caller_id,
-                url=f"{public}/twiml?charge={reservation}",
-                status_callback=f"{public}/twilio/status?charge={reservation}",
-            )
-        except CallRefused as exc:
-            await app[LIMITER].refund(reservation)  # nothing was placed: the slots come back
-            await self.release_budget()
-            log.info("call.start to %s refused by Twilio: %s %s", phone.masked, exc.status, exc.code)
-            return self.fail("call_refused", f"Twilio refused the call: {exc.message}")
-        except CallOutcomeUnknown as exc:
-            # The call may have been placed: the charge stays, and nothing is retried.
-            log.warning("call.start to %s: outcome unknown (%s)", phone.masked, exc)
-            return self.fail("call_outcome_unknown", "Twilio did not answer in time; the call may still ring")
-
-        token = tokens.subscription_token(app[TOKEN_SECRET], call_sid)
-        log.info("call.start: placed %s to %s (%s)", call_sid, phone.masked, scenario.id)
-        # Reply and follow before anything else is awaited, so no status Twilio reports from
-        # now on can slip between them. This client's copy of "queued" carries the token.
-        queued = events.status_changed(call_sid, "queued")
-        app[BUS].publish(queued)
-        self.client.send({**queued, "token": token})
-        self.client.done_placing(self)  # answered: the next call.start may go
-        self.client.tokens[call_sid] = token
-        self.client.follow(call_sid, with_status=False)
-        with contextlib.suppress(CallStoreUnavailable):
-            await app[CALL_STORE].record(call_sid, reservation, "outbound-api", phone.region, scenario.id)
-        return None
+            self.background(self.app[SERVICES].rest.hangup(call_sid), "call.end")

@@ -38,6 +38,26 @@ CHARGE_RETENTION_MS = 24 * 3600 * 1000
 # their windows (the call.start budget's is an hour).
 BUDGET_RETENTION_MS = 24 * 3600 * 1000
 CHARGE_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+BUDGET_REGION = "budget"  # what a budget's rows hold in the region column (analytics leave them out)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A limit on something other than a phone number: ``kind`` names what is counted (say,
+    ``call-starts-per-address``), ``subject`` whose (an address). Its key is an HMAC of both,
+    apart from every number's."""
+
+    kind: str
+    subject: str
+    rules: Rules
+
+    def __post_init__(self) -> None:
+        if self.rules.window_ms > BUDGET_RETENTION_MS:
+            raise ValueError("a budget's window may not exceed BUDGET_RETENTION_MS (cleanup keeps rows that long)")
+
+    @property
+    def name(self) -> str:
+        return f"budget|{self.kind}|{self.subject}"
 
 
 
@@ -232,19 +252,20 @@ class Limiter:
 
         await self._run(move, deadline)
 
-    async def hit_budget(self, name: str, charge_id: str, rules: Rules) -> Decision | None:
-        """Charge a budget other than a phone number's (say, a client address's call.starts):
-        the same exact sliding log, keyed by the HMAC of ``name``, shared by every instance.
-        None while PostgreSQL is away: no fail mode here, the caller keeps its own count.
-        ``rules.window_ms`` may not exceed BUDGET_RETENTION_MS (cleanup keeps rows that long)."""
-        if rules.window_ms > BUDGET_RETENTION_MS:
-            raise ValueError("a budget's window may not exceed BUDGET_RETENTION_MS")
+    async def hit_budget(self, budget: Budget, charge_id: str) -> Decision:
+        """Charge a budget that is not a phone number's (a client address's call.starts): the
+        same exact sliding log in PostgreSQL, keyed by the HMAC of the budget's name, shared
+        by every instance. While PostgreSQL is away each instance keeps it in memory for
+        itself (whatever the fail mode: it guards no number), and nothing is written back."""
         self._check_charge_id(charge_id)
+        key = self._keyer.key(budget.name)
         try:
-            row = await self._charge(self._keyer.key(name), charge_id, rules, "budget", _Deadline(self._timeout))
+            row = await self._charge(key, charge_id, budget.rules, BUDGET_REGION, _Deadline(self._timeout))
         except LimiterUnavailable:
-            return None
-        return summarize(row["times"], row["now_ms"], rules, admitted=row["admitted"])
+            now = self._local_now()
+            times, admitted = self.memory.admit(key, BUDGET_REGION, charge_id, now, budget.rules, write_back=False)
+            return summarize(times, now, budget.rules, admitted=admitted, source="memory")
+        return summarize(row["times"], row["now_ms"], budget.rules, admitted=row["admitted"])
 
     def _hit_while_away(self, key: bytes, region: str, charge_id: str, *, unknown: bool) -> Decision:
         # A statement that was sent may have committed (a "ghost write"): it stays counted and

@@ -59,8 +59,9 @@ class MemoryLog:
         self._store(key, entries)
 
     def admit(self, key: bytes, region: str, charge_id: str, now_ms: int, rules: Rules,
-              *, maybe_written: bool = False) -> tuple[list[int], bool]:
-        """The sliding-log rule; an admitted charge is kept as pending. Returns (live times, admitted)."""
+              *, maybe_written: bool = False, write_back: bool = True) -> tuple[list[int], bool]:
+        """The sliding-log rule; an admitted charge is kept as pending (to be written back to
+        PostgreSQL, unless ``write_back`` is False). Returns (live times, admitted)."""
         entries = self.live(key, now_ms, rules.window_ms)
         if any(c == charge_id for _, c in entries):
             return [t for t, _ in entries], True
@@ -70,7 +71,8 @@ class MemoryLog:
         if admitted:
             entries.append((now_ms, charge_id))
             entries.sort()  # the mirrored times are the database's clock, ours may lag it
-            self.pending[charge_id] = PendingCharge(key, region, now_ms, maybe_written)
+            if write_back:
+                self.pending[charge_id] = PendingCharge(key, region, now_ms, maybe_written)
         self._store(key, entries)
         return [t for t, _ in entries], admitted
 

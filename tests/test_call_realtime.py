@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from callgate_harness import callgate, hangups, is_ended, quiet_pattern, until
 
-from appkeys import CALL_STORE, CALLS, LIFECYCLE, METRICS
+from appkeys import CALL_STORE, LIFECYCLE, METRICS
 from tools.fake_realtime import FakeRealtime
 from tools.simulate_call import silence, tone
 
@@ -168,7 +168,7 @@ async def test_model_failures_end_the_call_cleanly(dsn, fault):
             while h.app[LIFECYCLE].active_calls:
                 await asyncio.sleep(0.01)
         tasks = [t for t in asyncio.all_tasks() if call.call_sid in t.get_name() and not t.done()]
-        live = dict(h.app[CALLS]), h.app[LIFECYCLE].active_calls
+        live = dict(h.app[LIFECYCLE].calls), h.app[LIFECYCLE].active_calls
     assert events[-1]["reason"] in ("model_failed", "model_unavailable")
     assert hangups(h, call.call_sid)
     assert tasks == [] and live == ({}, 0)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from bridge import events
+from calls.status import rank
 
 
 def test_subscribers_see_only_their_call():
     """A subscriber of one call never sees another call's events; an all-calls one sees both."""
-    bus = events.EventBus()
+    bus = events.EventBus(rank)
     a, b, every = bus.subscribe("CA1"), bus.subscribe("CA2"), bus.subscribe(None)
     bus.publish(events.transcript_delta("CA1", "item_1", "assistant", "Hi"))
     bus.publish(events.status_changed("CA2", "ringing"))
@@ -18,7 +19,7 @@ def test_subscribers_see_only_their_call():
 
 def test_a_late_subscriber_starts_with_the_current_status():
     """Subscribing to a call that has a status delivers that status first."""
-    bus = events.EventBus()
+    bus = events.EventBus(rank)
     bus.publish(events.status_changed("CA1", "connected"))
     with bus.subscribe("CA1") as sub:
         assert sub.queue.get_nowait() == {"type": "call.status_changed", "callSid": "CA1", "status": "connected"}
@@ -26,7 +27,7 @@ def test_a_late_subscriber_starts_with_the_current_status():
 
 def test_a_slow_subscriber_overflows_without_slowing_publishers():
     """A subscriber that stops reading is marked overflowed; others keep receiving everything."""
-    bus = events.EventBus()
+    bus = events.EventBus(rank)
     slow, fast = bus.subscribe("CA1", maxsize=3), bus.subscribe("CA1", maxsize=100)
     for i in range(10):
         bus.publish(events.transcript_delta("CA1", "item_1", "assistant", str(i)))
@@ -36,7 +37,7 @@ def test_a_slow_subscriber_overflows_without_slowing_publishers():
 
 def test_closed_subscriptions_receive_nothing():
     """After close() a subscription is out of the bus."""
-    bus = events.EventBus()
+    bus = events.EventBus(rank)
     sub = bus.subscribe("CA1")
     sub.close()
     bus.publish(events.status_changed("CA1", "ended"))
@@ -45,7 +46,7 @@ def test_closed_subscriptions_receive_nothing():
 
 def test_statuses_never_go_back():
     """A late status ranking below the current one is not delivered (nor remembered)."""
-    bus = events.EventBus()
+    bus = events.EventBus(rank)
     with bus.subscribe("CA1") as sub:
         for status in ("queued", "busy", "queued", "ringing"):
             bus.publish(events.status_changed("CA1", status))
@@ -55,7 +56,7 @@ def test_statuses_never_go_back():
 
 def test_a_subscriber_closing_on_an_event_does_not_stop_delivery():
     """A sink that unsubscribes when its call ends does not keep others from the same event."""
-    bus = events.EventBus()
+    bus = events.EventBus(rank)
     got = []
     sub = bus.subscribe("CA1", sink=lambda e: (got.append(("a", e["status"])), sub.close()))
     bus.subscribe("CA1", sink=lambda e: got.append(("b", e["status"])))

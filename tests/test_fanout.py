@@ -13,6 +13,7 @@ from appkeys import BUS, FANOUT, TOKEN_SECRET
 from bridge import events, tokens
 from bridge.events import EventBus
 from bridge.fanout import MAX_PAYLOAD, PgFanout, _clip
+from calls import status
 from db.sql import Queries
 from tools.fake_realtime import FakeRealtime
 
@@ -53,7 +54,7 @@ async def test_a_browser_follows_a_call_on_another_instance(dsn):
 
 def test_big_batches_are_split_under_the_notify_limit():
     """Events are packed into NOTIFY payloads under PostgreSQL's limit; long texts are cut."""
-    fanout = PgFanout("postgresql://unused", None, Queries.load(), EventBus())
+    fanout = PgFanout("postgresql://unused", None, Queries.load(), EventBus(status.rank))
     hindi = "नमस्ते, आपका कॉल कैसा रहा? " * 200  # 3 bytes a character in UTF-8
     batch = [events.transcript_done("CA1", f"item_{i}", "assistant", hindi if i % 2 else "x" * 5000)
              for i in range(6)]
@@ -65,7 +66,7 @@ def test_big_batches_are_split_under_the_notify_limit():
 async def test_the_call_start_budget_per_address_holds_across_instances(dsn):
     """One client address gets CALL_STARTS_PER_IP call.starts an hour in all, whichever
     instances its sockets land on."""
-    from handlers.frontend import CALL_STARTS_PER_IP
+    from calls.outbound import CALL_STARTS_PER_ADDRESS as CALL_STARTS_PER_IP
 
     env = {"TWILIO_PHONE_NUMBER_US": "+14155550000", "ALLOWED_ORIGINS": "https://callgate.test",
            "RATE_LIMIT_PHONE_MAX_CALLS": "100"}

@@ -452,7 +452,7 @@ async def test_caller_id_follows_the_region(dsn, session):
 async def test_attempts_that_place_nothing_cost_no_budget(dsn, session):
     """Retrying a number at its limit, or one Twilio refuses, uses none of the address's
     call.start budget."""
-    from handlers.frontend import CALL_STARTS_PER_IP
+    from calls.outbound import CALL_STARTS_PER_ADDRESS as CALL_STARTS_PER_IP
 
     async with callgate(dsn, RATE_LIMIT_PHONE_MAX_CALLS="1", **TWILIO_ENV) as h:
         await h.app[LIMITER].hit("+14155550123", "CA-earlier")

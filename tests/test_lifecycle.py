@@ -16,7 +16,7 @@ from aiohttp import web
 from callgate_harness import AUTH_TOKEN, PUBLIC_URL
 from conftest import ROOT
 
-from appkeys import BUS, CALLS
+from appkeys import BUS, LIFECYCLE
 from helpers import TEST_KEY, settings_for
 from server import create_app, drain
 from tools.fake_realtime import FakeRealtime
@@ -72,7 +72,7 @@ async def test_draining_keeps_live_calls_and_refuses_new_ones(dsn):
         await session.wait_for_audio(heard + 1600)  # still relaying
         await live.stop()
         await asyncio.wait_for(draining, timeout=5)  # done as soon as the last call ended
-        assert app[CALLS] == {}
+        assert app[LIFECYCLE].calls == {}
 
 
 async def test_calls_left_at_the_deadline_are_ended_and_hung_up(dsn):
@@ -82,7 +82,7 @@ async def test_calls_left_at_the_deadline_are_ended_and_hung_up(dsn):
         with app[BUS].subscribe(live.call_sid) as sub:
             await drain(app, timeout=0.2)
             ended = [sub.queue.get_nowait() for _ in range(sub.queue.qsize())]
-        assert app[CALLS] == {}
+        assert app[LIFECYCLE].calls == {}
         assert await live.wait_closed() == 1000
         assert ended[-1]["status"] == "ended" and ended[-1]["reason"] == "shutdown"
         assert [r for r in api.requests if r.path.endswith(f"/Calls/{live.call_sid}.json")]

@@ -285,13 +285,14 @@ async def _until_blocked(pool) -> None:
 async def test_cleanup_keeps_other_budgets_for_their_own_window(pool, clock):
     """A budget with a longer window than the numbers' (a client address's call.starts) is not
     reset by the cleanup that clears numbers' rows."""
+    from limiter.limiter import Budget
     from limiter.rules import Rules
 
     limiter = make_limiter(pool, max_calls=2, window_ms=60_000, clock=clock)
-    budget = Rules(1, HOUR)
-    assert (await limiter.hit_budget("client-address:203.0.113.5", "CS1", budget)).allowed
+    budget = Budget("call-starts-per-address", "203.0.113.5", Rules(1, HOUR))
+    assert (await limiter.hit_budget(budget, "CS1")).allowed
     await limiter.hit(NUMBER, "CA1")
     clock.advance(2 * 60_000)
     rows, _ = await limiter.cleanup()
     assert rows == 1  # the number's row only
-    assert not (await limiter.hit_budget("client-address:203.0.113.5", "CS2", budget)).allowed
+    assert not (await limiter.hit_budget(budget, "CS2")).allowed

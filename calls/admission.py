@@ -1,0 +1,172 @@
+"""Admitting a call: the voice webhook's decision, and the media stream's start.
+
+One inbound call, file by file:
+
+1. ``handlers/twilio.py`` ``twiml``: checks Twilio's signature, reads the form → ``WebhookCall``;
+2. here, ``admit_webhook``: the number parsed and charged (``limiter/limiter.py`` →
+   ``sql/limiter_hit.sql``), the scenario chosen (``scenarios``: call.start's stored request,
+   or the URL's query), the global cap checked and the call recorded (``db/calls.py`` →
+   ``sql/calls_admit.sql``; refunded if refused), a stream token minted (``bridge/tokens.py``)
+   → ``Connect`` (the handler renders ``<Connect><Stream>``) or ``Refuse`` (``<Say>``, ``<Hangup/>``);
+3. Twilio opens ``/call``: ``handlers/twilio.py`` ``media_stream`` reads ``start``, then here,
+   ``admit_stream``: the token checked and spent once (``sql/stream_token_use.sql``) → a
+   ``CallSetup``;
+4. ``bridge/call.py`` runs the call; its statuses go through ``calls/status.py``;
+5. Twilio's status callbacks: ``handlers/twilio.py`` → ``calls/status.py`` ``on_callback``
+   (refunds a call that never connected).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import orjson
+
+import scenarios
+from bridge import tokens
+from bridge import twilio as wire
+from bridge.call import CallSetup
+from calls.services import Services
+from limiter.errors import InvalidNumber
+
+log = logging.getLogger("callgate.admission")
+
+STALE_GRACE_S = 120.0  # an unended call this long past the session limit was lost with its instance
+# Twilio bounds the length of a stream's <Parameter>s (error 31103): a config longer than this
+# (a pasted job description) is kept in PostgreSQL and the stream gets its id instead.
+MAX_CONFIG_PARAMETER = 400
+
+# What the caller hears when we will not take the call.
+SAY_LIMITED = "Sorry, this number has reached its call limit. Please try again in about {wait}."
+SAY_REFUSED = "Sorry, we cannot take calls from this number."
+SAY_BUSY = "Sorry, we cannot take your call right now. Please try again in a few minutes."
+
+
+@dataclass(frozen=True)
+class WebhookCall:
+    """What the voice webhook says about a call."""
+
+    call_sid: str
+    direction: str
+    number: str       # the number under limit: To for outbound-api calls, From otherwise
+    charge_id: str    # a CallSid, or the reservation id call.start charged (?charge= in the URL)
+    placed_by_us: bool
+    query: Mapping[str, str]  # the webhook URL's query (signed): may choose the scenario
+
+
+@dataclass(frozen=True)
+class Connect:
+    """Take the call: open a media stream with these <Parameter>s (the token among them)."""
+
+    parameters: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """Say this, then hang up."""
+
+    say: str
+
+
+class StreamRefused(Exception):
+    """The stream's start cannot be taken; the message says why (for the close frame)."""
+
+
+async def admit_webhook(services: Services, call: WebhookCall) -> Connect | Refuse:
+    if services.lifecycle.draining:
+        return Refuse(SAY_BUSY)
+    limiter = services.limiter
+    try:
+        phone = limiter.parse(call.number)
+    except InvalidNumber as exc:
+        log.info("webhook %s refused: %s", call.call_sid, exc.code)
+        return Refuse(SAY_REFUSED)
+    decision = await limiter.hit(phone, call.charge_id)
+    if not decision.allowed:
+        log.info("webhook %s for %s refused: %s", call.call_sid, phone.masked, decision.reason)
+        if decision.reason in ("limit_reached", "cooldown"):
+            return Refuse(SAY_LIMITED.format(wait=_wait_words(decision.reset_time)))
+        return Refuse(SAY_BUSY)
+    try:
+        scenario, config, voice = await _call_setup(services, call)
+    except scenarios.ScenarioError as exc:
+        log.error("webhook %s: %s (check the webhook URL's ?scenario=)", call.call_sid, exc)
+        await limiter.refund(call.charge_id)
+        return Refuse(SAY_BUSY)
+    settings = services.settings
+    admitted = await services.store.admit(
+        call.call_sid, call.charge_id, call.direction, phone.region, scenario.id,
+        max_live=settings.max_concurrent_calls, stale_after_s=settings.session_duration_ms / 1000 + STALE_GRACE_S)
+    if not admitted:
+        log.warning("webhook %s refused: %d calls live already", call.call_sid, settings.max_concurrent_calls)
+        await limiter.refund(call.charge_id)
+        return Refuse(SAY_BUSY)
+    params = {"scenarioId": scenario.id, "voice": voice,
+              **await _config_parameter(services, call.call_sid, scenario, config, voice)}
+    params[tokens.TOKEN_PARAMETER] = tokens.mint(services.token_secret, call.call_sid, params)
+    log.info("webhook %s (%s, %s): connecting to %s", call.call_sid, call.direction, phone.masked, scenario.id)
+    return Connect(params)
+
+
+def _wait_words(reset_ms: int) -> str:
+    minutes = max(1, math.ceil((reset_ms - time.time() * 1000) / 60_000))
+    if minutes < 90:
+        return f"{minutes} minute{'s' if minutes != 1 else ''}"
+    return f"{round(minutes / 60)} hours"
+
+
+async def _call_setup(services: Services, call: WebhookCall) -> tuple[scenarios.Scenario, dict[str, str], str]:
+    """What the agent does on this call: what call.start asked for (found by the reservation
+    id the webhook URL carries), else what the webhook URL's query asks for, with defaults
+    for whatever nobody filled in (``scenarios.from_query``)."""
+    if call.placed_by_us:
+        wanted = await services.store.get_request(call.charge_id)
+        if wanted is not None:
+            scenario = scenarios.get(wanted["scenario_id"])
+            config = scenario.validate(orjson.loads(wanted["config"]), lenient=True)
+            return scenario, config, scenario.voice(wanted["voice"], lenient=True)
+    scenario, config, voice, notes = scenarios.from_query(call.query)
+    for note in notes:
+        log.warning("webhook %s: the URL's scenario config: %s", call.call_sid, note)
+    return scenario, config, voice
+
+
+async def _config_parameter(services: Services, call_sid: str, scenario: scenarios.Scenario,
+                            config: dict[str, str], voice: str) -> dict[str, str]:
+    """The stream parameter that carries the call's config: ``config`` itself, or ``configRef``."""
+    config_json = orjson.dumps(config).decode()
+    if len(config_json) <= MAX_CONFIG_PARAMETER:
+        return {"config": config_json}
+    ref = f"CF{call_sid}"
+    if not await services.store.put_request(ref, scenario.id, config_json, voice):
+        return {"config": "{}"}  # (logged by the store) the scenario's defaults
+    return {"configRef": ref}
+
+
+async def admit_stream(services: Services, start: wire.Start) -> CallSetup:
+    """Check the start's token and parameters; spend the token; build the call's setup.
+    Raises StreamRefused."""
+    if not wire.safe_id(start.stream_sid) or not wire.safe_id(start.call_sid):
+        raise StreamRefused("malformed streamSid or callSid")
+    params = start.custom_parameters
+    try:
+        claims = tokens.verify(services.token_secret, params.get(tokens.TOKEN_PARAMETER), start.call_sid, params)
+    except tokens.TokenError as exc:
+        raise StreamRefused(str(exc)) from None
+    if not await services.store.spend_token(claims.jti, claims.expires):
+        raise StreamRefused("stream token already used")
+    try:
+        scenario = scenarios.get(params.get("scenarioId"))
+        config = orjson.loads(params.get("config") or "{}")
+    except (scenarios.ScenarioError, orjson.JSONDecodeError) as exc:
+        raise StreamRefused(f"bad stream parameters: {exc}") from None
+    if params.get("configRef"):
+        stored = await services.store.get_request(params["configRef"])
+        config = orjson.loads(stored["config"]) if stored else {}
+    # The parameters are ours (the token proves it): whatever changed since is defaulted.
+    return CallSetup(start.call_sid, start.stream_sid, scenario, scenario.validate(config, lenient=True),
+                     scenario.voice(params.get("voice"), lenient=True))

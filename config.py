@@ -24,6 +24,8 @@ DEVELOPMENT_PHONE_KEY = "callgate-development-key-do-not-use-in-production"
 # The largest HTTP body or WebSocket message any edge accepts (a webhook form, a media frame, a
 # /logs message); larger WebSocket messages close the socket with 1009.
 MAX_MESSAGE_BYTES = 64 * 1024
+# The longest wait for any socket to close cleanly (a model's, Twilio's) before it is cut.
+CLOSE_TIMEOUT_S = 2.0
 
 # Models with an announced shutdown, as the official openai SDK (3.57) lists them in the
 # docstrings of RealtimeSessionCreateRequest.model and AudioTranscription.model

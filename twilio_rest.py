@@ -15,7 +15,6 @@ from twilio.rest import Client
 
 log = logging.getLogger("callgate.twilio")
 
-REST_TIMEOUT_S = 10.0
 # Twilio's answers for a call that has already ended: not found, or "not in progress".
 ALREADY_ENDED_CODES = frozenset({20404, 21220})
 
@@ -34,7 +33,7 @@ class CallOutcomeUnknown(Exception):
 
 class TwilioRest:
     def __init__(self, account_sid: str | None, auth_token: str | None, base_url: str,
-                 timeout: float = REST_TIMEOUT_S) -> None:
+                 timeout: float) -> None:
         self.enabled = bool(account_sid and auth_token)
         self._timeout = timeout
         self._client: Client | None = None

@@ -286,7 +286,7 @@ def parse_args() -> argparse.Namespace:
 async def main() -> None:
     args = parse_args()
     async with run_database(migrated=True) as (dsn, where):
-        pool = await create_pool(dsn, args.pool_size)
+        pool = await create_pool(dsn, args.pool_size, client_timeout_ms=2000)
         try:
             limiter = Limiter(pool, Queries.load(), PhoneKeyer(BENCH_KEY), RULES, REGIONS,
                               fail_mode="memory", timeout=2.0)

@@ -32,16 +32,16 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from bridge import events, functions, realtime, twilio
+from bridge import events, functions, mulaw, realtime, twilio
 from bridge.realtime_client import ModelConnection, ModelConnector, ModelError
 from bridge.responses import ASK_PREFIX, ITEM_EVENT_PREFIX, Asker, Outcome
+from config import CLOSE_TIMEOUT_S
 from scenarios import Scenario
 
 log = logging.getLogger("callgate.call")
 
 PRE_READY_FRAMES = 500  # caller audio kept while the model opens: 10 s of 20 ms frames
 MAX_BAD_MODEL_FRAMES = 5  # a model that sends this many unreadable frames is broken
-CLOSE_TIMEOUT_S = 2.0
 DRAIN_TIMEOUT_S = 15.0  # longest wait for a goodbye to finish playing before hanging up
 CALLER_IDLE_TIMEOUT_S = 5.0  # no frame at all from Twilio this long: the stream is dead
 WRAP_UP_MESSAGE = (
@@ -61,7 +61,7 @@ MAX_DTMF_BEFORE_READY = 20  # keypresses kept while the model opens
 # What the caller hears before a call the model cannot carry is hung up.
 APOLOGY = (Path(__file__).parent / "assets" / "model_failed.ulaw").read_bytes()
 APOLOGY_REASONS = frozenset({"model_failed", "model_unavailable", "content_filter"})
-APOLOGY_CHUNK = 8000  # 1 s of μ-law per media message
+APOLOGY_CHUNK = mulaw.BYTES_PER_SECOND  # 1 s of audio per media message
 APOLOGY_MARK = "callgate-apology"
 APOLOGY_GRACE_S = 3.0  # beyond its length, the longest wait for the apology to play
 
@@ -87,9 +87,9 @@ class CallServices:
     # its reason. Statuses never go back, so a late or duplicate one is not announced.
     record_status: Callable[[str, str, str | None], Awaitable[bool]]
     transcription_model: str
-    session_duration_s: float = 300.0
-    wrap_up_s: float = 20.0
-    ready_timeout_s: float = 10.0
+    session_duration_s: float
+    wrap_up_s: float
+    ready_timeout_s: float
     observe_frame: Callable[[str, float], None] = lambda direction, seconds: None
     # (status, code or reason) of each failed or incomplete response, for /metrics
     count_response_failure: Callable[[str, str | None], None] = lambda status, code: None
@@ -489,7 +489,7 @@ class Call:
         if not p.outstanding:
             return  # nothing is playing: the caller is just speaking
         item_id, content_index, _ = next(iter(p.outstanding.values()))
-        heard_ms = min(p.played[item_id], p.produced[item_id]) // 8  # μ-law: 8 bytes a ms
+        heard_ms = min(p.played[item_id], p.produced[item_id]) // mulaw.BYTES_PER_MS
         p.outstanding.clear()
         p.interrupted.add(item_id)
         p.drained.set()
@@ -598,7 +598,7 @@ class Call:
                 chunk = base64.b64encode(APOLOGY[start:start + APOLOGY_CHUNK]).decode()
                 await self.twilio_ws.send_str(twilio.media(stream_sid, chunk))
             await self.twilio_ws.send_str(twilio.mark(stream_sid, APOLOGY_MARK))
-            async with asyncio.timeout(len(APOLOGY) / 8000 + APOLOGY_GRACE_S):
+            async with asyncio.timeout(len(APOLOGY) / mulaw.BYTES_PER_SECOND + APOLOGY_GRACE_S):
                 async for msg in self.twilio_ws:
                     try:
                         event = twilio.parse(msg.data) if msg.type == WSMsgType.TEXT else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 SILENCE = 0xFF  # μ-law code of a zero sample
 BYTES_PER_MS = 8  # 8 kHz, one byte a sample
+BYTES_PER_SECOND = 1000 * BYTES_PER_MS
 
 _BIAS = 0x84                  # G.711's bias on 16-bit magnitudes
 _BIAS_14, _CLIP_14 = _BIAS >> 2, 8159  # the reference encoder works on 14 bits

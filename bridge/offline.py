@@ -111,7 +111,7 @@ class OfflineAgent:
         self._speaking = False
         self._quiet_ms = 0
         utterance = bytes(self._utterance)
-        seconds = len(utterance) / 8000
+        seconds = len(utterance) / mulaw.BYTES_PER_SECOND
         self._emit("input_audio_buffer.speech_stopped", item_id=self._speech_item, audio_end_ms=int(seconds * 1000))
         text = f"(offline agent: {seconds:.1f} s of speech; there is no transcription offline)"
         self._emit("conversation.item.input_audio_transcription.completed", item_id=self._speech_item,
@@ -142,7 +142,7 @@ class OfflineAgent:
                 chunk = audio[start:start + CHUNK_BYTES]
                 self._emit("response.output_audio.delta", response_id=response_id, item_id=item_id,
                            output_index=0, content_index=0, delta=base64.b64encode(chunk).decode())
-                await asyncio.sleep(len(chunk) / 8000 * PACE)
+                await asyncio.sleep(len(chunk) / mulaw.BYTES_PER_SECOND * PACE)
             self._emit("response.output_audio.done", response_id=response_id, item_id=item_id)
             self._emit("response.output_audio_transcript.done", response_id=response_id, item_id=item_id,
                        output_index=0, content_index=0, transcript=text)

@@ -18,10 +18,10 @@ from urllib.parse import urlencode
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
+from config import CLOSE_TIMEOUT_S
+
 log = logging.getLogger("callgate.model")
 
-OPEN_TIMEOUT_S = 10.0
-CLOSE_TIMEOUT_S = 2.0
 MAX_FRAME_BYTES = 4 * 1024 * 1024  # an audio delta is a few KiB; this bounds a broken peer
 
 
@@ -82,7 +82,7 @@ class RealtimeConnection:
 class RealtimeConnector:
     name = "openai-realtime"
 
-    def __init__(self, url: str, model: str, api_key: str, open_timeout: float = OPEN_TIMEOUT_S) -> None:
+    def __init__(self, url: str, model: str, api_key: str, open_timeout: float) -> None:
         self._url = f"{url}?{urlencode({'model': model})}"
         self._headers = {"Authorization": f"Bearer {api_key}"}
         self._open_timeout = open_timeout
@@ -98,7 +98,7 @@ class RealtimeConnector:
                 # within ~20 s instead of the caller hearing nothing until the time limit.
                 ping_interval=10,
                 ping_timeout=10,
-                close_timeout=2,
+                close_timeout=CLOSE_TIMEOUT_S,
                 compression=None,  # audio is base64 noise to deflate: pure CPU cost
             )
         except (OSError, TimeoutError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:

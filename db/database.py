@@ -46,7 +46,7 @@ class Database:
         return "embedded" if self.embedded else "external"
 
 
-async def create_pool(dsn: str, size: int, client_timeout_ms: int = 2000) -> asyncpg.Pool:
+async def create_pool(dsn: str, size: int, client_timeout_ms: int) -> asyncpg.Pool:
     return await asyncpg.create_pool(
         dsn,
         min_size=1,

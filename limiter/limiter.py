@@ -92,8 +92,8 @@ class Limiter:
         rules: Rules,
         regions: Regions,
         *,
-        fail_mode: str = "memory",
-        timeout: float = 2.0,
+        fail_mode: str,
+        timeout: float,
         clock: Callable[[], int | None] = lambda: None,
         observe: Callable[[str, Decision | None, float], None] | None = None,
     ) -> None:

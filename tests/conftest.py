@@ -75,7 +75,7 @@ async def dsn(server_dsn: str) -> str:
 
 @pytest.fixture
 async def pool(dsn: str):
-    p = await create_pool(dsn, 10)
+    p = await create_pool(dsn, 10, client_timeout_ms=2000)
     yield p
     await p.close()
 

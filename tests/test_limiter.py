@@ -25,7 +25,7 @@ async def test_concurrent_hits_admit_exactly_the_limit(pool):
 
 async def test_concurrent_hits_across_two_pools_admit_exactly_the_limit(dsn, pool):
     """Two separate pools (as two instances) share one limit exactly."""
-    other_pool = await create_pool(dsn, 10)
+    other_pool = await create_pool(dsn, 10, client_timeout_ms=2000)
     try:
         a, b = make_limiter(pool, max_calls=5), make_limiter(other_pool, max_calls=5)
         decisions = await asyncio.gather(

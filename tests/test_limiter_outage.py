@@ -33,7 +33,7 @@ async def proxy(dsn):
 
 @pytest.fixture
 async def proxied_pool(proxy):
-    p = await create_pool(proxy.dsn, 4)
+    p = await create_pool(proxy.dsn, 4, client_timeout_ms=2000)
     yield p
     p.terminate()
 
@@ -213,7 +213,7 @@ async def test_embedded_server_stopped_and_started_mid_run(tmp_path):
     exactly once, and the pool reconnects by itself."""
     pg = EmbeddedPostgres(tmp_path / "pg")
     dsn = await asyncio.to_thread(pg.start)
-    pool = await create_pool(dsn, 4)
+    pool = await create_pool(dsn, 4, client_timeout_ms=2000)
     try:
         async with pool.acquire() as conn:
             await migrate(conn)

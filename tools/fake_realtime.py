@@ -118,7 +118,7 @@ BETA_FIELDS = (
     "input_audio_format", "output_audio_format", "voice", "modalities", "turn_detection",
     "input_audio_transcription", "input_audio_noise_reduction",
 )
-BYTES_PER_MS = 8  # μ-law at 8 kHz: one byte per sample
+BYTES_PER_MS = mulaw.BYTES_PER_MS
 VAD_CHUNK = 160  # 20 ms, the size of a Twilio media frame
 SPEECH_RMS = 500
 MIN_COMMIT_MS = 100  # the real API refuses to commit less than 100 ms of audio

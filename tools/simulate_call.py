@@ -54,8 +54,8 @@ from bridge import mulaw  # noqa: E402
 from bridge.mulaw import decode as mulaw_to_linear  # noqa: E402, F401 - part of this module's API
 from bridge.mulaw import encode as linear_to_mulaw  # noqa: E402
 
-SAMPLE_RATE = 8000
-BYTES_PER_MS = SAMPLE_RATE // 1000  # μ-law: one byte per sample
+SAMPLE_RATE = mulaw.BYTES_PER_SECOND  # μ-law: one byte a sample
+BYTES_PER_MS = mulaw.BYTES_PER_MS
 FRAME_MS = 20
 FRAME_BYTES = FRAME_MS * BYTES_PER_MS  # 160: the size of every media frame Twilio sends
 MULAW_SILENCE = mulaw.SILENCE

@@ -21,30 +21,26 @@ class ProtocolError(ValueError):
     """A frame that is not valid Twilio Media Streams JSON."""
 
 
+# Each event holds only what Callgate reads. A field the relay ignores (tracks, mediaFormat,
+# a media frame's timestamp and chunk) is never parsed, so it can never refuse a stream.
+
+
 @dataclass(frozen=True, slots=True)
 class Connected:
-    protocol: str
-    version: str
+    pass
 
 
 @dataclass(frozen=True, slots=True)
 class Start:
     stream_sid: str
     call_sid: str
-    account_sid: str
+    account_sid: str  # checked against TWILIO_ACCOUNT_SID
     custom_parameters: dict[str, str] = field(default_factory=dict)
-    encoding: str = "audio/x-mulaw"
-    sample_rate: int = 8000
-    channels: int = 1
-    tracks: tuple[str, ...] = ("inbound",)
 
 
 @dataclass(frozen=True, slots=True)
 class Media:
-    # Only what the relay uses: the frame's timestamp and chunk number are not parsed, this
-    # runs 50 times a second per call.
-    payload: str        # base64 μ-law, passed through untouched
-    track: str
+    payload: str  # base64 μ-law, passed through untouched (50 frames a second per call)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,17 +55,10 @@ class Dtmf:
 
 @dataclass(frozen=True, slots=True)
 class Stop:
-    call_sid: str
+    pass
 
 
 TwilioEvent = Connected | Start | Media | Mark | Dtmf | Stop
-
-
-def _int(value: object, name: str) -> int:
-    try:
-        return int(value)  # Twilio sends numbers as strings
-    except (TypeError, ValueError):
-        raise ProtocolError(f"{name} is not a number: {value!r}") from None
 
 
 def _obj(message: dict, name: str) -> dict:
@@ -100,7 +89,7 @@ def parse(frame: str | bytes) -> TwilioEvent | None:
         payload = media.get("payload")
         if not isinstance(payload, str):
             raise ProtocolError("media without a payload")
-        return Media(payload, str(media.get("track", "inbound")))
+        return Media(payload)
     if event == "mark":
         return Mark(_str(_obj(message, "mark"), "name", "mark"))
     if event == "start":
@@ -108,24 +97,18 @@ def parse(frame: str | bytes) -> TwilioEvent | None:
         params = start.get("customParameters") or {}
         if not isinstance(params, dict):
             raise ProtocolError("start.customParameters is not an object")
-        fmt = start.get("mediaFormat") or {}
         return Start(
             stream_sid=_str(start, "streamSid", "start") if "streamSid" in start else _str(message, "streamSid", "start"),
             call_sid=_str(start, "callSid", "start"),
             account_sid=str(start.get("accountSid", "")),
             custom_parameters={str(k): str(v) for k, v in params.items()},
-            encoding=str(fmt.get("encoding", "audio/x-mulaw")),
-            sample_rate=_int(fmt.get("sampleRate", 8000), "mediaFormat.sampleRate"),
-            channels=_int(fmt.get("channels", 1), "mediaFormat.channels"),
-            tracks=tuple(start.get("tracks") or ("inbound",)),
         )
     if event == "dtmf":
         return Dtmf(_str(_obj(message, "dtmf"), "digit", "dtmf"))
     if event == "stop":
-        stop = message.get("stop") or {}
-        return Stop(str(stop.get("callSid", "")) if isinstance(stop, dict) else "")
+        return Stop()
     if event == "connected":
-        return Connected(str(message.get("protocol", "")), str(message.get("version", "")))
+        return Connected()
     if isinstance(event, str):
         return None  # an event Twilio may add later: not ours to refuse
     raise ProtocolError("frame without an 'event'")

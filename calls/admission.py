@@ -152,6 +152,9 @@ async def admit_stream(services: Services, start: wire.Start) -> CallSetup:
     Raises StreamRefused."""
     if not wire.safe_id(start.stream_sid) or not wire.safe_id(start.call_sid):
         raise StreamRefused("malformed streamSid or callSid")
+    account = services.settings.twilio_account_sid
+    if account and start.account_sid != account:
+        raise StreamRefused("the stream is for another Twilio account")
     params = start.custom_parameters
     try:
         claims = tokens.verify(services.token_secret, params.get(tokens.TOKEN_PARAMETER), start.call_sid, params)

@@ -14,24 +14,27 @@ def frame(**message) -> str:
     return orjson.dumps(message).decode()
 
 
-def test_start_is_parsed_with_numbers_cast():
-    """Twilio's start (numbers as strings) becomes a typed Start."""
+def test_start_is_parsed_and_what_the_relay_ignores_cannot_refuse_it():
+    """Twilio's start becomes a typed Start; fields the relay never reads (mediaFormat, tracks)
+    are not parsed, so odd values there refuse nothing."""
     event = twilio.parse(frame(event="start", sequenceNumber="1", streamSid="MZ1", start={
         "streamSid": "MZ1", "accountSid": "AC1", "callSid": "CA1", "tracks": ["inbound"],
         "customParameters": {"token": "t", "scenarioId": "job-interview"},
         "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": "8000", "channels": "1"}}))
-    assert event == twilio.Start("MZ1", "CA1", "AC1", {"token": "t", "scenarioId": "job-interview"},
-                                 "audio/x-mulaw", 8000, 1, ("inbound",))
+    assert event == twilio.Start("MZ1", "CA1", "AC1", {"token": "t", "scenarioId": "job-interview"})
+    odd = twilio.parse(frame(event="start", start={"streamSid": "MZ1", "callSid": "CA1", "accountSid": "AC1",
+                                                   "mediaFormat": {"sampleRate": "eight thousand"}, "tracks": 5}))
+    assert odd == twilio.Start("MZ1", "CA1", "AC1", {})
 
 
 def test_media_mark_dtmf_stop_are_parsed():
     """media, mark, dtmf and stop become typed events; the payload passes through untouched."""
     payload = base64.b64encode(b"\xff" * 160).decode()
     assert twilio.parse(frame(event="media", media={"track": "inbound", "chunk": "3", "timestamp": "60",
-                                                    "payload": payload})) == twilio.Media(payload, "inbound")
+                                                    "payload": payload})) == twilio.Media(payload)
     assert twilio.parse(frame(event="mark", mark={"name": "item_1.4"})) == twilio.Mark("item_1.4")
     assert twilio.parse(frame(event="dtmf", dtmf={"track": "inbound_track", "digit": "5"})) == twilio.Dtmf("5")
-    assert twilio.parse(frame(event="stop", stop={"callSid": "CA1"})) == twilio.Stop("CA1")
+    assert twilio.parse(frame(event="stop", stop={"callSid": "CA1"})) == twilio.Stop()
     assert twilio.parse(frame(event="something-new")) is None
 
 

@@ -39,7 +39,8 @@ async def serving_a_call(dsn: str):
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
             url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
-            call = SimulatedCall(url, public_url=PUBLIC_URL, auth_token=AUTH_TOKEN, audio=b"", speed=4.0)
+            call = SimulatedCall(url, public_url=PUBLIC_URL, auth_token=AUTH_TOKEN, audio=b"", speed=4.0,
+                                 account_sid=api.account_sid)
             try:
                 await call.webhook()
                 await call.connect()

@@ -105,10 +105,11 @@ async def test_media_stream_handshake_needs_twilios_signature(dsn):
     assert model.connections == 0
 
 
-@pytest.mark.parametrize("case", ["missing", "expired", "reused", "other call", "changed parameters"])
+@pytest.mark.parametrize("case", ["missing", "expired", "reused", "other call", "changed parameters",
+                                  "other account"])
 async def test_bad_stream_tokens_close_1008_before_the_model(dsn, case):
-    """A start without a valid, fresh, unused token for its own call is closed with 1008, and
-    no model connection is opened for it."""
+    """A start without a valid, fresh, unused token for its own call, or for another Twilio
+    account than ours, is closed with 1008, and no model connection is opened for it."""
     async with FakeRealtime() as model, callgate(dsn, model=model) as h:
         call = h.call(audio=b"")
         twiml = await call.webhook()
@@ -124,6 +125,8 @@ async def test_bad_stream_tokens_close_1008_before_the_model(dsn, case):
             start_sid = "CA" + "9" * 32
         elif case == "changed parameters":
             params["voice"] = "cedar"
+        elif case == "other account":
+            call.account_sid = "AC" + "7" * 32
         elif case == "reused":
             first = h.call(audio=b"", call_sid=call.call_sid)
             await first.connect(twiml.stream_url, params)

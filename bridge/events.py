@@ -1,18 +1,15 @@
 """Typed call events (SPEC §6) and the in-process bus that carries them to subscribers.
 
-The bus never waits for a subscriber: each has a bounded queue, and one that falls behind is
-marked overflowed and dropped (its owner disconnects it). A call therefore never slows down
-because a browser is slow. Raw model events and audio never enter the bus.
+The bus never waits for a subscriber: it hands each event to the subscriber's sink, which
+must not block (a frontend client puts it in its own bounded queue and is disconnected when
+that is full). A call therefore never slows down because a browser is slow. Raw model events
+and audio never enter the bus.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Callable, Iterator
 from typing import Any
-
-log = logging.getLogger("callgate.events")
 
 Event = dict[str, Any]
 
@@ -41,33 +38,13 @@ def function_call(call_sid: str, name: str, arguments: str, output: str) -> Even
 
 
 class Subscription:
-    """One subscriber's view: a bounded queue of events. ``overflowed`` is set (and no more
-    events are queued) when it fell ``maxsize`` events behind. With a ``sink`` the events go
-    straight to it instead (a frontend client with its own bounded queue)."""
+    """One subscriber: the bus hands each event to its ``sink``, which must not block (a
+    frontend client puts it in its own bounded queue, and is disconnected when that is full)."""
 
-    def __init__(self, bus: EventBus, call_sid: str | None, maxsize: int,
-                 sink: Callable[[Event], None] | None = None) -> None:
+    def __init__(self, bus: EventBus, call_sid: str | None, sink: Callable[[Event], None]) -> None:
         self._bus = bus
         self.call_sid = call_sid
-        self.queue: asyncio.Queue[Event] = asyncio.Queue(maxsize)
-        self.overflowed = asyncio.Event()
-        self._sink = sink
-
-    def offer(self, event: Event) -> None:
-        if self._sink is not None:
-            self._sink(event)
-            return
-        if self.overflowed.is_set():
-            return
-        try:
-            self.queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self.overflowed.set()
-            log.warning("subscriber fell %d events behind on %s: dropped", self.queue.maxsize,
-                        self.call_sid or "all calls")
-
-    async def get(self) -> Event:
-        return await self.queue.get()
+        self.offer = sink
 
     def close(self) -> None:
         self._bus._remove(self)
@@ -114,11 +91,12 @@ class EventBus:
         yield from self._by_call.get(call_sid, ())
         yield from self._all
 
-    def subscribe(self, call_sid: str | None = None, maxsize: int = 256, *, with_status: bool = True,
-                  sink: Callable[[Event], None] | None = None) -> Subscription:
-        """Events of one call (or, with None, of every call) from now on, starting with the
-        call's current status when it has one (unless ``with_status`` is False)."""
-        sub = Subscription(self, call_sid, maxsize, sink)
+    def subscribe(self, call_sid: str | None, sink: Callable[[Event], None], *,
+                  with_status: bool = True) -> Subscription:
+        """Events of one call (or, with None, of every call) from now on, handed to ``sink``,
+        starting with the call's current status when it has one (unless ``with_status`` is
+        False)."""
+        sub = Subscription(self, call_sid, sink)
         if call_sid is None:
             self._all.add(sub)
         else:

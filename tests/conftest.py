@@ -1,29 +1,27 @@
-"""Shared fixtures: one real PostgreSQL for the session, a fresh database per test.
+"""Fixtures: one real PostgreSQL for the session, a fresh database per test.
 
 Without DATABASE_URL the session starts the embedded PostgreSQL (the project's default) in a
-temporary folder; with it, tests create their databases on that server.
+temporary folder; with it, tests create their databases on that server. The schema is
+migrated once, into a template database; each test's database is a copy of it (CREATE
+DATABASE ... TEMPLATE), which takes milliseconds instead of a migration run.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
-import sys
 import tempfile
 import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from db.database import create_pool  # noqa: E402
-from db.embedded import EmbeddedPostgres  # noqa: E402
-from db.migrate import migrate  # noqa: E402
-from helpers import Clock  # noqa: E402
+from db.database import create_pool
+from db.embedded import EmbeddedPostgres
+from db.migrate import migrate
+from helpers import TEST_DB_TIMEOUT_MS, Clock, with_database
 
 
 @pytest.fixture(scope="session")
@@ -45,37 +43,44 @@ def server_dsn() -> str:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def with_database(dsn: str, name: str) -> str:
-    parts = urlsplit(dsn)
-    return urlunsplit(parts._replace(path=f"/{name}"))
+@pytest.fixture(scope="session")
+def template_database(server_dsn: str) -> str:
+    """A migrated database, made once per session, that each test's database copies."""
+    name = f"t_template_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_admin(server_dsn, f'CREATE DATABASE "{name}"'))
+    asyncio.run(_migrate(with_database(server_dsn, name)))
+    yield name
+    asyncio.run(_admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-@pytest.fixture
-async def dsn(server_dsn: str) -> str:
-    """A fresh, migrated database for one test."""
-    name = f"t_{uuid.uuid4().hex[:16]}"
+async def _admin(server_dsn: str, statement: str) -> None:
     admin = await asyncpg.connect(with_database(server_dsn, "postgres"))
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
+        await admin.execute(statement)
     finally:
         await admin.close()
-    url = with_database(server_dsn, name)
-    conn = await asyncpg.connect(url)
+
+
+async def _migrate(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
     try:
         await migrate(conn)
     finally:
         await conn.close()
-    yield url
-    admin = await asyncpg.connect(with_database(server_dsn, "postgres"))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+
+
+@pytest.fixture
+async def dsn(server_dsn: str, template_database: str) -> str:
+    """A fresh, migrated database for one test."""
+    name = f"t_{uuid.uuid4().hex[:16]}"
+    await _admin(server_dsn, f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    yield with_database(server_dsn, name)
+    await _admin(server_dsn, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
 async def pool(dsn: str):
-    p = await create_pool(dsn, 10, client_timeout_ms=2000)
+    p = await create_pool(dsn, 10, client_timeout_ms=TEST_DB_TIMEOUT_MS)
     yield p
     await p.close()
 

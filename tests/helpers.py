@@ -1,12 +1,196 @@
-"""Helpers the tests share (fixtures live in conftest.py)."""
+"""What the tests share, in one place: the running Callgate on loopback (``callgate``), waits
+with a bound, Twilio signing, a PostgreSQL behind a proxy that can fail, a scaled time unit,
+the settings and limiter the tests start from. Fixtures live in conftest.py.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
+import random
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from aiohttp.test_utils import TestServer
+from twilio.request_validator import RequestValidator
+
+from appkeys import BUS
+from bridge.events import Event, EventBus
 from config import Settings
 from db.sql import Queries
 from limiter.limiter import Limiter, Regions
 from limiter.phone import PhoneKeyer
 from limiter.rules import Rules
+from server import create_app
+from tools.fake_realtime import FakeRealtime
+from tools.fake_twilio_api import FakeTwilioApi
+from tools.simulate_call import SimulatedCall
+
+ROOT = Path(__file__).resolve().parent.parent
+UNIT = 0.1  # seconds: waits for "nothing more arrives" are small multiples of it
+TEST_KEY = "test-phone-key-0123456789abcdef0123456789"
+TEST_DB_TIMEOUT_MS = 2000
+PUBLIC_URL = "https://callgate.test"  # what Twilio would call; signatures are made over it
+AUTH_TOKEN = "twilio-test-token"
+MODEL_KEY = "test-key"
+
+
+# --- waiting ----------------------------------------------------------------------------------
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "the condition") -> Any:
+    """``predicate()``'s first true value (awaited, if it is a coroutine), polled every UNIT / 10
+    s; TimeoutError naming ``what`` after ``timeout`` seconds. For state with no event to wait
+    on (a counter, a gauge, a database row)."""
+    async def value_now() -> Any:
+        value = predicate()
+        return await value if inspect.isawaitable(value) else value
+
+    try:
+        async with asyncio.timeout(timeout):
+            while not (value := await value_now()):
+                await asyncio.sleep(UNIT / 10)
+    except TimeoutError:
+        raise TimeoutError(f"{what} did not come true within {timeout} s") from None
+    return value
+
+
+class Collected:
+    """Events a bus hands one subscriber, in order, for a test to wait on (``get``)."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    async def get(self) -> Event:
+        return await self.queue.get()
+
+
+@contextlib.contextmanager
+def collect(bus: EventBus, call_sid: str | None) -> Iterator[Collected]:
+    """Follow one call's events (None: every call's) on ``bus`` for the block."""
+    got = Collected()
+    subscription = bus.subscribe(call_sid, got.queue.put_nowait)
+    try:
+        yield got
+    finally:
+        subscription.close()
+
+
+async def until(sub: Collected, predicate, timeout: float = 10.0) -> list[dict]:
+    """The events a subscription gets, up to and including the first that matches."""
+    seen = []
+    async with asyncio.timeout(timeout):
+        while True:
+            seen.append(await sub.get())
+            if predicate(seen[-1]):
+                return seen
+
+
+# --- Twilio -----------------------------------------------------------------------------------
+
+
+def sign(url: str, params: dict, token: str | None = None, algorithm: str = "HMAC_SHA1") -> str:
+    """X-Twilio-Signature for ``url`` and ``params``, as Twilio computes it."""
+    return RequestValidator(token or AUTH_TOKEN).compute_signature(url, params, algorithm)
+
+
+# --- PostgreSQL -------------------------------------------------------------------------------
+
+
+def with_database(dsn: str, name: str) -> str:
+    """``dsn`` pointing at another database of the same server."""
+    return urlunsplit(urlsplit(dsn)._replace(path=f"/{name}"))
+
+
+@contextlib.asynccontextmanager
+async def proxied(dsn: str) -> AsyncIterator[TcpProxy]:
+    """A TcpProxy in front of ``dsn``'s server; its ``dsn`` goes through it."""
+    parts = urlsplit(dsn)
+    proxy = await TcpProxy(parts.hostname, parts.port).start()
+    proxy.dsn = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}"))
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
+
+
+class TcpProxy:
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.mode = "forward"
+        self.port = 0
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> TcpProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.mode == "cut":
+            writer.close()
+            return
+        self._writers.add(writer)
+        try:
+            if self.mode == "stall":
+                await reader.read()  # hold the connection, answer nothing
+                return
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            self._writers.add(up_writer)
+            pumps = [asyncio.create_task(self._pump(reader, up_writer, upstream=True)),
+                     asyncio.create_task(self._pump(up_reader, writer, upstream=False))]
+            self._tasks.update(pumps)
+            await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+            for task in pumps:
+                task.cancel()
+            up_writer.close()
+            self._writers.discard(up_writer)
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+            self._writers.discard(writer)
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, upstream: bool) -> None:
+        with contextlib.suppress(OSError, asyncio.CancelledError):
+            while data := await reader.read(65536):
+                if self.mode == "stall" or (self.mode == "mute" and not upstream):
+                    continue  # swallow: the peer waits for an answer that never comes
+                writer.write(data)
+                await writer.drain()
+
+    def _drop_all(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    def cut(self) -> None:
+        self.mode = "cut"
+        self._drop_all()
+
+    def stall(self) -> None:
+        self.mode = "stall"
+
+    def mute(self) -> None:
+        self.mode = "mute"
+
+    def restore(self) -> None:
+        self._drop_all()
+        self.mode = "forward"
+
+    async def close(self) -> None:
+        self._drop_all()
+        if self._server:
+            self._server.close()
+            await self._server.wait_closed()
+        for task in self._tasks:
+            task.cancel()
 
 
 class Clock:
@@ -20,9 +204,6 @@ class Clock:
 
     def advance(self, ms: int) -> None:
         self.now_ms += ms
-
-
-TEST_KEY = "test-phone-key-0123456789abcdef0123456789"
 
 
 def make_limiter(pool, *, max_calls: int = 2, window_ms: int = 3_600_000, cooldown_ms: int = 0,
@@ -39,3 +220,79 @@ def settings_for(dsn: str, **changes) -> Settings:
     env = {"DATABASE_URL": dsn, "PHONE_ENCRYPTION_KEY": TEST_KEY, "PORT": "0"}
     env.update(changes)
     return Settings.from_env(env)
+
+
+# --- a whole Callgate on loopback -------------------------------------------------------------
+
+
+@dataclass
+class Harness:
+    server: TestServer
+    twilio_api: FakeTwilioApi
+    model: FakeRealtime | None
+    calls: list[SimulatedCall] = field(default_factory=list)
+
+    @property
+    def app(self):
+        return self.server.app
+
+    @property
+    def bus(self) -> EventBus:
+        return self.app[BUS]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    def call(self, **kwargs) -> SimulatedCall:
+        kwargs.setdefault("speed", 4.0)
+        kwargs.setdefault("tail_silence_ms", 200)
+        kwargs.setdefault("auth_token", AUTH_TOKEN)
+        call = SimulatedCall(self.url, public_url=PUBLIC_URL, account_sid=self.twilio_api.account_sid, **kwargs)
+        self.calls.append(call)
+        return call
+
+
+@contextlib.asynccontextmanager
+async def callgate(dsn: str, *, model: FakeRealtime | None = None, port: int = 0, **env: str) -> AsyncIterator[Harness]:
+    """Callgate wired to the peers. Without ``model`` calls go to the offline agent. A fixed
+    ``port`` makes the server's own origin (http://127.0.0.1:port) an allowed browser origin."""
+    async with FakeTwilioApi(auth_token=AUTH_TOKEN) as api:
+        settings = {"PUBLIC_URL": PUBLIC_URL, "TWILIO_ACCOUNT_SID": api.account_sid,
+                    "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "TWILIO_API_BASE_URL": api.base_url}
+        if model is not None:
+            settings |= {"OPENAI_API_KEY": MODEL_KEY, "OPENAI_REALTIME_URL": model.url}
+        settings["PORT"] = str(port)
+        server = TestServer(create_app(settings_for(dsn, **(settings | env))),
+                            host="127.0.0.1", port=port)
+        await server.start_server()
+        harness = Harness(server, api, model)
+        try:
+            yield harness
+        finally:
+            for call in harness.calls:
+                await call.close()
+            await server.close()
+        if model is not None:
+            # Every call test is also a conformance test: nothing Callgate sent was refused
+            # by the SDK's types (the real API would have answered it with an error).
+            refused = [(e.get("type"), str(p)) for s in model.sessions for e, p in s.refused]
+            assert refused == [], f"the model refused client events: {refused}"
+            assert model.invalid_sent == [], f"the fake sent invalid events: {model.invalid_sent}"
+
+
+
+def quiet_pattern(seed: int, ms: int) -> bytes:
+    """Audio unique to one call, too quiet for any voice detector (μ-law codes near silence)."""
+    rng = random.Random(seed)
+    return bytes(rng.choice((0xF8, 0xF9, 0xFA, 0xFB, 0x78, 0x79, 0x7A, 0x7B)) for _ in range(ms * 8))
+
+
+def is_ended(event: dict) -> bool:
+    return event["type"] == "call.status_changed" and event["status"] == "ended"
+
+
+def hangups(h, call_sid: str) -> list:
+    """The REST requests that hung ``call_sid`` up."""
+    return [r for r in h.twilio_api.requests
+            if r.method == "POST" and r.path.endswith(f"/Calls/{call_sid}.json") and r.value("Status") == "completed"]

@@ -11,10 +11,9 @@ import socket
 
 import orjson
 import pytest
-from callgate_harness import callgate
-from conftest import ROOT
 
 from appkeys import LIMITER
+from helpers import ROOT, callgate
 from tools.fake_realtime import FakeRealtime
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
 
 from config import VARIABLES, ConfigError, Settings
+from helpers import ROOT
 
 STRONG_KEY = "k" * 40
 TWILIO = {"TWILIO_ACCOUNT_SID": "AC" + "0" * 32, "TWILIO_AUTH_TOKEN": "t" * 32}

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from db.database import create_pool
-from helpers import TEST_KEY, make_limiter
+from helpers import TEST_KEY, make_limiter, wait_until
 
 NUMBER = "+14155550100"
 HOUR = 3_600_000
@@ -278,8 +278,8 @@ async def test_refund_finds_a_charge_moved_by_a_rotation_it_raced(dsn, pool):
 
 async def _until_blocked(pool) -> None:
     """Wait until some session waits on a lock (the move queued behind the open transaction)."""
-    while not await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"):
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"),
+                     what="a session to wait on a lock")
 
 
 async def test_cleanup_keeps_other_budgets_for_their_own_window(pool, clock):

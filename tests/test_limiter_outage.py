@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
-from tcpproxy import TcpProxy
 
 from db.database import create_pool
 from db.embedded import EmbeddedPostgres
 from db.migrate import migrate
-from helpers import make_limiter
+from helpers import make_limiter, proxied, wait_until
 from limiter.limiter import _Deadline
 
 NUMBER = "+14155550100"
@@ -24,11 +22,8 @@ NUMBER = "+14155550100"
 
 @pytest.fixture
 async def proxy(dsn):
-    parts = urlsplit(dsn)
-    p = await TcpProxy(parts.hostname, parts.port).start()
-    p.dsn = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{p.port}"))
-    yield p
-    await p.close()
+    async with proxied(dsn) as p:
+        yield p
 
 
 @pytest.fixture
@@ -137,7 +132,7 @@ async def test_refund_during_write_back_is_not_lost(pool, proxy, proxied_pool):
         await limiter.hit(NUMBER, f"CA{i}")
     proxy.restore()
     flushing = asyncio.create_task(limiter.flush())
-    await asyncio.sleep(0)  # let the write-back start
+    await wait_until(limiter._writeback.locked, what="the write-back to start")
     await limiter.refund("CA2")
     await flushing
     await limiter.flush()
@@ -199,9 +194,7 @@ async def test_background_duty_writes_back_on_recovery(pool, proxy, proxied_pool
     proxy.restore()
     duty = asyncio.create_task(limiter.maintain(interval=0.05))
     try:
-        async with asyncio.timeout(10):
-            while limiter.pending:
-                await asyncio.sleep(0.05)
+        await wait_until(lambda: not limiter.pending, timeout=10, what="the charges to be written back")
     finally:
         duty.cancel()
     assert await charges_in_database(pool) == 1

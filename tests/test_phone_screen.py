@@ -12,9 +12,9 @@ from urllib.parse import urlencode
 import aiohttp
 import orjson
 import pytest
-from callgate_harness import callgate
 
 from appkeys import METRICS
+from helpers import callgate
 from tools.fake_realtime import FakeRealtime
 
 WEBAPP = "https://phone-screen.example"  # the webapp's own origin, another than the server's

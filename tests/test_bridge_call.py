@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from callgate_harness import callgate, hangups, is_ended, quiet_pattern, until
 
 from appkeys import CALL_STORE, LIFECYCLE, METRICS
+from helpers import callgate, collect, hangups, is_ended, quiet_pattern, until, wait_until
 from tools.fake_realtime import FakeRealtime
 from tools.simulate_call import silence, tone
 
@@ -19,7 +19,7 @@ async def test_a_full_call(dsn):
     async with FakeRealtime(reply_text="Hello, how can I help?") as model, callgate(dsn, model=model) as h:
         call = h.call(audio=b"")
         twiml = await call.webhook()
-        with h.bus.subscribe(call.call_sid) as sub:
+        with collect(h.bus, call.call_sid) as sub:
             await call.connect()
             session = await model.wait_for_session()
             greeting = await call.wait_for_audio(8000)
@@ -121,7 +121,7 @@ async def test_function_calls_run_and_answer_once(dsn):
             callgate(dsn, model=model) as h:
         call = h.call(audio=b"")
         await call.webhook()
-        with h.bus.subscribe(call.call_sid) as sub:
+        with collect(h.bus, call.call_sid) as sub:
             await call.connect()
             session = await model.wait_for_session()
             events = await until(sub, lambda e: e["type"] == "function_call")
@@ -140,7 +140,7 @@ async def test_the_time_limit_wraps_up_then_ends_the_call(dsn):
     async with FakeRealtime() as model, callgate(dsn, model=model, RATE_LIMIT_SESSION_DURATION="1200") as h:
         call = h.call(audio=b"")
         await call.webhook()
-        with h.bus.subscribe(call.call_sid) as sub:
+        with collect(h.bus, call.call_sid) as sub:
             await call.connect()
             session = await model.wait_for_session()
             events = await until(sub, is_ended, timeout=10)
@@ -160,13 +160,12 @@ async def test_model_failures_end_the_call_cleanly(dsn, fault):
             callgate(dsn, model=model, MODEL_READY_TIMEOUT_MS="800") as h:
         call = h.call(audio=b"")
         await call.webhook()
-        with h.bus.subscribe(call.call_sid) as sub:
+        with collect(h.bus, call.call_sid) as sub:
             await call.connect()
             events = await until(sub, is_ended, timeout=5)
         await call.wait_closed(timeout=5)
-        async with asyncio.timeout(5):  # the handler returns once the call is finalised
-            while h.app[LIFECYCLE].active_calls:
-                await asyncio.sleep(0.01)
+        # The handler returns once the call is finalised.
+        await wait_until(lambda: not h.app[LIFECYCLE].active_calls, what="the stream handler to return")
         tasks = [t for t in asyncio.all_tasks() if call.call_sid in t.get_name() and not t.done()]
         live = dict(h.app[LIFECYCLE].calls), h.app[LIFECYCLE].active_calls
     assert events[-1]["reason"] in ("model_failed", "model_unavailable")
@@ -180,14 +179,15 @@ async def test_twilio_socket_drop_finalises_the_call_once(dsn):
     async with FakeRealtime() as model, callgate(dsn, model=model) as h:
         call = h.call(audio=b"")
         await call.webhook()
-        with h.bus.subscribe(call.call_sid) as sub:
+        with collect(h.bus, call.call_sid) as sub:
             await call.connect()
             session = await model.wait_for_session()
             await call.wait_for_audio(800)
             await call.drop()
             events = await until(sub, is_ended)
             await asyncio.wait_for(session.closed.wait(), timeout=5)
-            await asyncio.sleep(0)  # nothing else may follow
+            # Once the stream handler has returned, the call is finalised: nothing more comes.
+            await wait_until(lambda: not h.app[LIFECYCLE].calls, what="the stream handler to return")
             assert sub.queue.empty()
     assert [e for e in events if is_ended(e)] == [events[-1]]
     assert events[-1]["reason"] == "stream_closed"
@@ -207,9 +207,8 @@ async def test_metrics_count_calls_frames_and_sockets(dsn):
         during = h.app[METRICS].render().decode()
         await call.stop()
         await call.wait_closed()
-        async with asyncio.timeout(5):
-            while 'callgate_calls_total{outcome="caller_hangup"} 1.0' not in h.app[METRICS].render().decode():
-                await asyncio.sleep(0.02)
+        await wait_until(lambda: 'callgate_calls_total{outcome="caller_hangup"} 1.0' in h.app[METRICS].render().decode(),
+                         what="the call to be counted")
         after = h.app[METRICS].render().decode()
     assert 'callgate_open_sockets{kind="twilio"} 1.0' in during
     assert 'callgate_active_calls 1.0' in during
@@ -228,7 +227,7 @@ async def test_a_model_that_stops_answering_mid_call_ends_the_call(dsn):
             callgate(dsn, model=model, MODEL_READY_TIMEOUT_MS="800") as h:
         call = h.call(audio=b"")
         await call.webhook()
-        with h.bus.subscribe(call.call_sid) as sub:
+        with collect(h.bus, call.call_sid) as sub:
             await call.connect()
             await call.wait_for_audio(8000)  # the greeting came
             await call.play(tone(300, freq=500) + silence(600), tail_silence_ms=0)  # a turn, no reply
@@ -247,7 +246,7 @@ async def test_end_call_lets_the_goodbye_play(dsn):
                             first_call_response=1) as model, callgate(dsn, model=model) as h:
         call = h.call(audio=b"", speed=2.0)
         await call.webhook()
-        with h.bus.subscribe(call.call_sid) as sub:
+        with collect(h.bus, call.call_sid) as sub:
             await call.connect()
             await call.wait_for_played(8000, timeout=10)  # the greeting has played
             await call.play(tone(300, freq=500) + silence(600), tail_silence_ms=0)  # the caller's turn
@@ -267,7 +266,7 @@ async def test_a_silent_twilio_leg_ends_the_call(dsn, monkeypatch):
     async with FakeRealtime() as model, callgate(dsn, model=model) as h:
         call = h.call(audio=b"")
         await call.webhook()
-        with h.bus.subscribe(call.call_sid) as sub:
+        with collect(h.bus, call.call_sid) as sub:
             await call.connect()  # then sends nothing at all
             session = await model.wait_for_session()
             events = await until(sub, is_ended, timeout=5)

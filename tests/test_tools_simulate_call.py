@@ -21,7 +21,6 @@ from tools.simulate_call import (
     DEFAULT_AUDIO,
     FRAME_BYTES,
     SimulatedCall,
-    linear_to_mulaw,
     load_audio,
     mulaw_to_linear,
     parse_twiml,
@@ -410,14 +409,6 @@ async def test_run_reports_the_whole_call(peer):
 
 
 # -- audio helpers ---------------------------------------------------------------------
-
-
-def test_mulaw_encoder_reference_points():
-    """Silence is 0xFF; full scale is 0x80 and 0x00; decoding inverts within a step."""
-    assert (linear_to_mulaw(0), linear_to_mulaw(32767), linear_to_mulaw(-32768)) == (
-        0xFF, 0x80, 0x00)
-    for sample in (-20000, -1000, -10, 10, 1000, 20000):
-        assert abs(mulaw_to_linear(linear_to_mulaw(sample)) - sample) <= abs(sample) / 16 + 8
 
 
 def test_tone_is_loud_and_silence_is_quiet():

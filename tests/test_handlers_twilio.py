@@ -8,11 +8,11 @@ import asyncio
 import aiohttp
 import pytest
 import websockets
-from callgate_harness import AUTH_TOKEN, PUBLIC_URL, callgate
 from twilio.request_validator import RequestValidator
 
 from appkeys import CALL_STORE, LIMITER, TOKEN_SECRET
 from bridge import tokens
+from helpers import AUTH_TOKEN, PUBLIC_URL, callgate, collect, wait_until
 from tools.fake_realtime import FakeRealtime
 
 
@@ -196,7 +196,7 @@ async def test_no_answer_refunds_once_and_late_callbacks_change_nothing(dsn):
             form = dict(FORM, CallSid=call.call_sid, CallStatus=value)
             return (await post(h, "/twilio/status", form, sign(PUBLIC_URL + "/twilio/status", form))).status
 
-        with h.bus.subscribe(call.call_sid) as sub:
+        with collect(h.bus, call.call_sid) as sub:
             assert [await status(s) for s in ("ringing", "no-answer", "no-answer", "ringing", "completed")] \
                 == [204] * 5
             seen = [sub.queue.get_nowait()["status"] for _ in range(sub.queue.qsize())]
@@ -253,9 +253,9 @@ async def test_the_global_cap_on_live_calls(dsn):
         await first.wait_for_audio(800)
         await first.stop()
         await first.wait_closed()
-        async with asyncio.timeout(5):
-            while (await h.app[CALL_STORE].get(first.call_sid))["status"] != "ended":
-                await asyncio.sleep(0.02)
+        async def ended() -> bool:
+            return (await h.app[CALL_STORE].get(first.call_sid))["status"] == "ended"
+        await wait_until(ended, what="the first call's record to say ended")
         again = h.call(audio=b"", from_="+14155550103")
         assert (await again.webhook()).stream_url
 
@@ -266,7 +266,7 @@ async def test_subscribers_learn_why_a_call_ended_even_after_twilios_callback(ds
     async with FakeRealtime() as model, callgate(dsn, model=model) as h:
         call = h.call(audio=b"")
         await call.webhook()
-        with h.bus.subscribe(call.call_sid) as sub:
+        with collect(h.bus, call.call_sid) as sub:
             await call.connect()
             await model.wait_for_session()
             form = dict(FORM, CallSid=call.call_sid, CallStatus="completed")

@@ -9,12 +9,12 @@ import json
 import aiohttp
 import pytest
 from aiohttp import web
-from callgate_harness import PUBLIC_URL, callgate
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from appkeys import CALL_STORE, FRONTEND, LIMITER, TOKEN_SECRET
 from bridge import events, tokens
+from helpers import PUBLIC_URL, callgate, wait_until
 from tools.fake_realtime import FakeRealtime
 from tools.simulate_call import SimulatedCall
 
@@ -86,9 +86,7 @@ async def test_connections_per_ip_are_capped_by_fly_client_ip(dsn, session):
         other = await open_frontend(session, h, **{"Fly-Client-IP": "203.0.113.8"})
         assert (await other.ask({"type": "rate_limit_check", "phoneNumber": "+14155550100"}))["allowed"]
         await first.ws.close()
-        async with asyncio.timeout(5):
-            while h.app[FRONTEND].per_ip["203.0.113.7"] > 1:
-                await asyncio.sleep(0.01)
+        await wait_until(lambda: h.app[FRONTEND].per_ip["203.0.113.7"] <= 1, what="the closed socket to be counted out")
         await open_frontend(session, h, **ip)
 
 
@@ -332,12 +330,10 @@ async def test_a_frozen_client_is_dropped_and_the_call_goes_on(dsn, session):
         for i in range(4000):
             h.bus.publish(events.transcript_delta(sim.call_sid, "item_x", "assistant", "word " * 800))
             if i % 100 == 0:
-                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # a busy call still yields: the client's sender gets its turns
             if not h.app[FRONTEND].sockets:
                 break
-        async with asyncio.timeout(10):
-            while h.app[FRONTEND].sockets:
-                await asyncio.sleep(0.02)
+        await wait_until(lambda: not h.app[FRONTEND].sockets, timeout=10, what="the frozen client to be dropped")
         heard_before = len(sim.received_audio)
         await sim.wait_for_audio(heard_before + 8000, timeout=5)
         sent_before = len(model_session.audio_in)
@@ -354,8 +350,9 @@ async def test_a_status_callback_before_the_call_is_recorded_still_refunds(dsn, 
         await limiter.hit("+14155550123", "RS" + "a" * 32)
         form = {"CallSid": "CA" + "b" * 32, "CallStatus": "busy", "AccountSid": h.twilio_api.account_sid}
         url = f"{PUBLIC_URL}/twilio/status?charge=RS{'a' * 32}"
-        from callgate_harness import AUTH_TOKEN
         from twilio.request_validator import RequestValidator
+
+        from helpers import AUTH_TOKEN
         signature = RequestValidator(AUTH_TOKEN).compute_signature(url, form)
         async with session.post(h.url + f"/twilio/status?charge=RS{'a' * 32}", data=form,
                                 headers={"X-Twilio-Signature": signature}) as resp:
@@ -373,10 +370,9 @@ async def test_a_browser_leaving_mid_call_start_does_not_lose_the_call(dsn, sess
                            "config": {"companyName": "Acme"}})
         await h.twilio_api.wait_for_request(lambda r: r.path.endswith("/Calls.json"))
         await client.ws.close()
-        async with asyncio.timeout(10):
-            while not h.twilio_api.calls or not await h.app[CALL_STORE].get(next(iter(h.twilio_api.calls))):
-                await asyncio.sleep(0.02)
-        record = await h.app[CALL_STORE].get(next(iter(h.twilio_api.calls)))
+        record = await wait_until(
+            lambda: h.app[CALL_STORE].get(next(iter(h.twilio_api.calls))) if h.twilio_api.calls else None,
+            timeout=10, what="the placed call to be recorded")
     assert record["charge_id"].startswith("RS") and record["direction"] == "outbound-api"
 
 

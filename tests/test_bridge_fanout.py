@@ -7,7 +7,6 @@ import asyncio
 import json
 
 import aiohttp
-from callgate_harness import callgate
 
 from appkeys import BUS, FANOUT, TOKEN_SECRET
 from bridge import events, tokens
@@ -15,6 +14,7 @@ from bridge.events import EventBus
 from bridge.fanout import MAX_PAYLOAD, PgFanout, _clip
 from calls import status
 from db.sql import Queries
+from helpers import callgate, collect
 from tools.fake_realtime import FakeRealtime
 
 
@@ -91,7 +91,7 @@ async def test_non_latin_transcripts_cross_instances_and_fanout_keeps_going(dsn)
     async with callgate(dsn) as a, callgate(dsn) as b:
         await wait_listening(a)
         await wait_listening(b)
-        with b.app[BUS].subscribe("CA1") as sub:
+        with collect(b.app[BUS], "CA1") as sub:
             for i in range(3):
                 a.app[BUS].publish(events.transcript_done("CA1", f"item_{i}", "user", "नमस्ते दुनिया " * 400))
             a.app[BUS].publish(events.status_changed("CA1", "ended"))

@@ -6,15 +6,12 @@ import asyncio
 import os
 import subprocess
 import sys
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from conftest import ROOT
-from tcpproxy import TcpProxy
 
 from appkeys import LIFECYCLE, LIMITER
-from helpers import TEST_KEY, settings_for
+from helpers import ROOT, TEST_KEY, proxied, settings_for
 from server import create_app
 
 
@@ -42,11 +39,8 @@ async def test_health_keeps_phone_screens_shape(client):
 
 async def test_healthz_degraded_while_database_is_away(dsn):
     """/healthz says degraded (still 200) while PostgreSQL is unreachable, ok once it is back."""
-    parts = urlsplit(dsn)
-    proxy = await TcpProxy(parts.hostname, parts.port).start()
-    via_proxy = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}"))
-    try:
-        settings = settings_for(via_proxy, LIMITER_TIMEOUT_MS="300")
+    async with proxied(dsn) as proxy:
+        settings = settings_for(proxy.dsn, LIMITER_TIMEOUT_MS="300")
         async with TestClient(TestServer(create_app(settings))) as client:
             proxy.cut()
             resp = await client.get("/healthz")
@@ -55,8 +49,6 @@ async def test_healthz_degraded_while_database_is_away(dsn):
             assert (await resp.json())["database"] == "unavailable"
             proxy.restore()
             assert (await (await client.get("/healthz")).json())["status"] == "ok"
-    finally:
-        await proxy.close()
 
 
 async def test_healthz_is_503_while_draining(client):

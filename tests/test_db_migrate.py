@@ -35,7 +35,7 @@ async def test_concurrent_starts_apply_each_migration_once(server_dsn):
     """Several instances migrating one fresh database at once apply every migration exactly once."""
     import uuid
 
-    from conftest import with_database
+    from helpers import with_database
 
     name = f"t_{uuid.uuid4().hex[:16]}"
     admin = await asyncpg.connect(with_database(server_dsn, "postgres"))

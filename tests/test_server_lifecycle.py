@@ -13,11 +13,9 @@ import sys
 
 import aiohttp
 from aiohttp import web
-from callgate_harness import AUTH_TOKEN, PUBLIC_URL
-from conftest import ROOT
 
 from appkeys import BUS, LIFECYCLE
-from helpers import TEST_KEY, settings_for
+from helpers import AUTH_TOKEN, PUBLIC_URL, ROOT, TEST_KEY, collect, settings_for, wait_until
 from server import create_app, drain
 from tools.fake_realtime import FakeRealtime
 from tools.fake_twilio_api import FakeTwilioApi
@@ -59,9 +57,10 @@ async def test_draining_keeps_live_calls_and_refuses_new_ones(dsn):
         await live.wait_for_audio(8000)
         draining = asyncio.create_task(drain(app, timeout=30))
         async with aiohttp.ClientSession() as http:
-            async with asyncio.timeout(5):
-                while (resp := await http.get(url + "/healthz")).status != 503:
-                    await asyncio.sleep(0.02)
+            async def draining_said() -> aiohttp.ClientResponse | None:
+                resp = await http.get(url + "/healthz")
+                return resp if resp.status == 503 else None
+            resp = await wait_until(draining_said, what="/healthz to say draining")
             assert await resp.json() == {"status": "draining"}
         newcomer = SimulatedCall(url, public_url=PUBLIC_URL, auth_token=AUTH_TOKEN, audio=b"")
         refused = await newcomer.webhook()
@@ -80,7 +79,7 @@ async def test_calls_left_at_the_deadline_are_ended_and_hung_up(dsn):
     """A call still live when the drain deadline passes is ended (reason shutdown) and hung up
     over Twilio REST before shutdown goes on."""
     async with serving_a_call(dsn) as (app, _, api, live, _session):
-        with app[BUS].subscribe(live.call_sid) as sub:
+        with collect(app[BUS], live.call_sid) as sub:
             await drain(app, timeout=0.2)
             ended = [sub.queue.get_nowait() for _ in range(sub.queue.qsize())]
         assert app[LIFECYCLE].calls == {}
@@ -108,12 +107,11 @@ def test_sigterm_stops_the_server_cleanly(dsn):
 
 
 async def _wait_healthy(url: str) -> None:
-    async with aiohttp.ClientSession() as http, asyncio.timeout(60):
-        while True:
+    async with aiohttp.ClientSession() as http:
+        async def healthy() -> bool:
             try:
                 async with http.get(url) as resp:
-                    if resp.status == 200:
-                        return
+                    return resp.status == 200
             except aiohttp.ClientConnectionError:
-                pass
-            await asyncio.sleep(0.1)
+                return False  # not listening yet
+        await wait_until(healthy, timeout=60, what=f"{url} to answer 200")

@@ -5,21 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from callgate_harness import callgate
-
 from appkeys import CALL_STORE, LIMITER
+from helpers import callgate, collect, until, wait_until
 from tools.simulate_call import silence, tone
-
-
-async def collect(sub, until, timeout: float = 10.0) -> list[dict]:
-    """Events from a subscription until ``until(event)`` is true."""
-    seen = []
-    async with asyncio.timeout(timeout):
-        while True:
-            event = await sub.get()
-            seen.append(event)
-            if until(event):
-                return seen
 
 
 async def test_offline_agent_greets_and_plays_the_caller_back(dsn):
@@ -30,18 +18,18 @@ async def test_offline_agent_greets_and_plays_the_caller_back(dsn):
         twiml = await call.webhook()
         assert twiml.stream_url == "wss://callgate.test/call" and not twiml.verbs_after_connect
         assert {"token", "scenarioId", "config", "voice"} <= twiml.parameters.keys()
-        with h.bus.subscribe(call.call_sid) as sub:
+        with collect(h.bus, call.call_sid) as sub:
             await call.connect()
             await call.wait_for_audio(8000)  # a second of greeting
             spoken = tone(500, freq=300)
             await call.play(spoken + silence(800))
-            events = await collect(sub, lambda e: e["type"] == "transcript.done" and e["role"] == "assistant"
+            events = await until(sub, lambda e: e["type"] == "transcript.done" and e["role"] == "assistant"
                                    and "Playing back" in e["text"])
             await call.wait_for_event(lambda e: e.get("event") == "media", timeout=5)
             played_back = await asyncio.wait_for(_wait_for_bytes(call, spoken[160:1600]), timeout=10)
             assert played_back
             await call.stop()
-            ended = await collect(sub, lambda e: e["type"] == "call.status_changed" and e["status"] == "ended")
+            ended = await until(sub, lambda e: e["type"] == "call.status_changed" and e["status"] == "ended")
 
     statuses = [e["status"] for e in events + ended if e["type"] == "call.status_changed"]
     assert statuses[0] == "connected" and statuses[-1] == "ended"
@@ -76,7 +64,7 @@ async def test_call_record_and_charge(dsn):
 
 
 async def _ended_record(h, call_sid: str) -> dict:
-    async with asyncio.timeout(5):
-        while (record := await h.app[CALL_STORE].get(call_sid))["status"] != "ended":
-            await asyncio.sleep(0.02)
-    return record
+    async def ended() -> dict | None:
+        record = await h.app[CALL_STORE].get(call_sid)
+        return record if record["status"] == "ended" else None
+    return await wait_until(ended, what="the call's record to say ended")

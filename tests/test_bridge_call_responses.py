@@ -8,10 +8,10 @@ from __future__ import annotations
 import logging
 
 import pytest
-from callgate_harness import callgate, hangups, is_ended, until
 
 import bridge.call
 from bridge.call import APOLOGY
+from helpers import callgate, collect, hangups, is_ended, until
 from scenarios import DEFAULT_SCENARIO, SCENARIOS
 from tools.fake_realtime import FakeRealtime
 from tools.realtime_types import check_client_event
@@ -61,7 +61,7 @@ async def test_when_every_response_fails_the_caller_hears_an_apology_and_the_cal
     async with FakeRealtime(response_fault=fault) as model, callgate(dsn, model=model) as h:
         call = h.call(audio=b"", from_="+14155550142")
         await call.webhook()
-        with h.bus.subscribe(call.call_sid) as sub:
+        with collect(h.bus, call.call_sid) as sub:
             await call.connect()
             session = await model.wait_for_session()
             events = await until(sub, is_ended, timeout=10)
@@ -101,7 +101,7 @@ async def test_a_call_whose_replies_are_all_filtered_ends_as_content_filter(dsn)
     async with FakeRealtime(response_fault="content_filter") as model, callgate(dsn, model=model) as h:
         call = h.call(audio=b"")
         await call.webhook()
-        with h.bus.subscribe(call.call_sid) as sub:
+        with collect(h.bus, call.call_sid) as sub:
             await call.connect()
             session = await model.wait_for_session()
             events = await until(sub, is_ended, timeout=10)
@@ -137,7 +137,7 @@ async def test_the_wrap_up_asked_mid_reply_waits_for_it_and_the_goodbye_plays(ds
             callgate(dsn, model=model, RATE_LIMIT_SESSION_DURATION="6000") as h:  # wrap-up at 4.5 s
         call = h.call(audio=b"")
         await call.webhook()
-        with h.bus.subscribe(call.call_sid) as sub:
+        with collect(h.bus, call.call_sid) as sub:
             await call.connect()
             session = await model.wait_for_session()
             events = await until(sub, is_ended, timeout=10)
@@ -191,7 +191,7 @@ async def test_a_failed_transcription_reaches_the_frontend(dsn, caplog):
     async with FakeRealtime(transcription_fault=True) as model, callgate(dsn, model=model) as h:
         call = h.call(audio=b"")
         await call.webhook()
-        with h.bus.subscribe(call.call_sid) as sub:
+        with collect(h.bus, call.call_sid) as sub:
             await call.connect()
             await call.wait_for_played(8000)
             await call.play(tone(300, freq=500) + silence(600), tail_silence_ms=0)
@@ -233,7 +233,7 @@ async def test_every_client_event_of_a_whole_call_is_valid_for_the_sdk(dsn):
             callgate(dsn, model=model, RATE_LIMIT_SESSION_DURATION="4000") as h:
         call = h.call(audio=b"", speed=1.0)
         await call.webhook()
-        with h.bus.subscribe(call.call_sid) as sub:
+        with collect(h.bus, call.call_sid) as sub:
             await call.connect()
             session = await model.wait_for_session()
             await call.wait_for_mark(3)

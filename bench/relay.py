@@ -93,8 +93,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The project is not installed: import it from the repository root, inserted first (this
-# script's own folder holds bench/limiter.py, which would shadow the `limiter` package).
+# The project is not installed: import it from the repository root, inserted first.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 

@@ -34,7 +34,7 @@ from aiohttp import WSMsgType, web
 
 from bridge import events, functions, mulaw, realtime, twilio
 from bridge.realtime_client import ModelConnection, ModelConnector, ModelError
-from bridge.responses import ASK_PREFIX, ITEM_EVENT_PREFIX, Asker, Outcome
+from bridge.responses import ASK_PREFIX, ITEM_EVENT_PREFIX, MAX_SENDS, Asker, Outcome
 from config import CLOSE_TIMEOUT_S
 from scenarios import Scenario
 
@@ -104,7 +104,7 @@ class _Playout:
     produced: collections.Counter = field(default_factory=collections.Counter)  # item → bytes sent
     interrupted: set[str] = field(default_factory=set)  # items cut by barge-in: drop late deltas
     seq: int = 0
-    drained: asyncio.Event = field(default_factory=asyncio.Event)
+    played_out: asyncio.Event = field(default_factory=asyncio.Event)  # set: nothing outstanding
 
 
 class Call:
@@ -118,10 +118,11 @@ class Call:
         self._ready = False
         self._pre_ready: collections.deque[str] = collections.deque(maxlen=PRE_READY_FRAMES)
         self._playout = _Playout()
-        self._playout.drained.set()
+        self._playout.played_out.set()
         self._end_requested = asyncio.Event()
         self._end_after_goodbye: str | None = None  # set by the end_call tool: why the call ends
         self._asker = Asker()
+        self._asks_dropped = 0
         self._goodbye_asked = False           # the response we asked for is the goodbye...
         self._goodbye_response: str | None = None  # ...and its id, once it started
         self._failures = 0                    # responses failed in a row
@@ -296,7 +297,7 @@ class Call:
         item_id, _, nbytes = entry
         self._playout.played[item_id] += nbytes
         if not self._playout.outstanding:
-            self._playout.drained.set()
+            self._playout.played_out.set()
 
     # --- model → caller -------------------------------------------------------------------
 
@@ -479,7 +480,7 @@ class Call:
         name = f"{item_id}.{p.seq}"
         p.produced[item_id] += nbytes
         p.outstanding[name] = (item_id, int(event.get("content_index", 0) or 0), nbytes)
-        p.drained.clear()
+        p.played_out.clear()
         stream_sid = self.setup.stream_sid
         await self.twilio_ws.send_str(twilio.media(stream_sid, payload))
         await self.twilio_ws.send_str(twilio.mark(stream_sid, name))
@@ -492,7 +493,7 @@ class Call:
         heard_ms = min(p.played[item_id], p.produced[item_id]) // mulaw.BYTES_PER_MS
         p.outstanding.clear()
         p.interrupted.add(item_id)
-        p.drained.set()
+        p.played_out.set()
         await self.twilio_ws.send_str(twilio.clear(self.setup.stream_sid))
         await self._model.send(realtime.encode(realtime.truncate(item_id, content_index, heard_ms)))
         log.info("call %s: barge-in, %s truncated at %d ms", self.call_sid, item_id, heard_ms)
@@ -518,6 +519,9 @@ class Call:
         await self._send_ask(self._asker.ask(item_id))
 
     async def _send_ask(self, event_id: str | None) -> None:
+        if self._asker.dropped > self._asks_dropped:
+            self._asks_dropped = self._asker.dropped
+            log.warning("call %s: an ask for a response went unanswered %d times: dropped", self.call_sid, MAX_SENDS)
         if event_id is None:
             return
         await self._model.send(realtime.encode(realtime.response_create(event_id)))
@@ -538,7 +542,7 @@ class Call:
     async def _end_when_played(self, reason: str) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(DRAIN_TIMEOUT_S):
-                await self._playout.drained.wait()
+                await self._playout.played_out.wait()
         self.request_end(reason)
 
     # --- the time limit ---------------------------------------------------------------------

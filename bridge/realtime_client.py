@@ -64,16 +64,16 @@ class RealtimeConnection:
         """Close within CLOSE_TIMEOUT_S. Frames still arriving are read and dropped meanwhile:
         with its receive queue full, websockets stops reading and would never see the peer's
         close frame (a model mid-reply sends dozens of audio deltas)."""
-        drain = asyncio.create_task(self._drain())
+        discarding = asyncio.create_task(self._discard_incoming())
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
                 await self._ws.close()
         except TimeoutError:
             self._ws.transport.abort()
         finally:
-            drain.cancel()
+            discarding.cancel()
 
-    async def _drain(self) -> None:
+    async def _discard_incoming(self) -> None:
         with contextlib.suppress(websockets.ConnectionClosed):
             async for _ in self._ws:
                 pass

@@ -13,9 +13,9 @@ of HOT updates on phone_limits (sql/migrations/001_limiter.sql is built to keep 
 
 Run from the repository root:
 
-    .venv/bin/python bench/limiter.py                      # embedded PostgreSQL, temporary
-    DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres .venv/bin/python bench/limiter.py
-    .venv/bin/python bench/limiter.py --seconds 10 --concurrency 50 --pool-size 10 --warmup 2
+    .venv/bin/python bench/limiter_bench.py                      # embedded PostgreSQL, temporary
+    DATABASE_URL=postgresql://postgres@127.0.0.1:5432/postgres .venv/bin/python bench/limiter_bench.py
+    .venv/bin/python bench/limiter_bench.py --seconds 10 --concurrency 50 --pool-size 10 --warmup 2
 
 With DATABASE_URL it creates a fresh database `bench_<random>` on that server and drops it at
 the end. `Limiter.hit` is called with the number as text, as the server does, so its figures
@@ -38,9 +38,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# The project is not installed: import it from the repository root. Inserted first, because
-# this script's own folder (bench/, sys.path[0] when run as a file) holds a `limiter.py` that
-# would otherwise shadow the `limiter` package.
+# The project is not installed: import it from the repository root.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 

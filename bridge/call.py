@@ -7,7 +7,7 @@
 Responses: the bridge asks for the greeting, the answer to a tool's output or a keypress, and
 the wrap-up; server VAD starts the others. One response is active at a time, so an ask waits
 for the active one to finish (``bridge/responses.py``). A response that fails is asked for
-again after a back-off, up to MAX_RESPONSE_RETRIES times; then, or when the model connection
+again after each back-off of RESPONSE_RETRY_DELAYS_S; when the last fails, or the connection
 breaks, the caller hears a recorded apology and the call ends as ``model_failed``.
 
 Barge-in: after each audio chunk sent to Twilio we send a named mark; Twilio echoes a mark

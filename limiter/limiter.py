@@ -1,9 +1,18 @@
-"""The per-phone-number limiter: hit (charge), test (read), refund, cleanup.
+"""The per-phone-number limiter: hit (charge), test (read), refund, cleanup; and budgets
+that are not numbers' (a client address's call.starts).
 
-A decision is one statement (``sql/limiter_hit.sql``) through one pooled connection, on the
-database's clock. Every public call is bounded by one deadline (``LIMITER_TIMEOUT_MS``: pool
-acquire, statements, release, waiting for a write-back); when PostgreSQL is away the fail
-mode decides, and asyncpg's errors never leave this module.
+One decision, file by file: a workflow (``calls/admission.py``, ``calls/outbound.py``) calls
+``hit(number, charge_id)`` → the number parsed and keyed (``limiter/phone.py``: E.164, then
+HMAC-SHA256) → charges this instance made while PostgreSQL was away written back first →
+the text of ``sql/limiter_hit.sql``, one ``fetchrow`` on a pooled connection (the sliding-log
+rule itself is ``callgate_limiter_admit`` in ``sql/migrations/001_limiter.sql``) → the live
+log that comes back, mirrored in memory (``limiter/memory.py``) and read into a ``Decision``
+(``limiter/rules.py``).
+
+Every public call is bounded by one deadline (``LIMITER_TIMEOUT_MS``: pool acquire,
+statements, release, waiting for a write-back); when PostgreSQL is away the fail mode decides
+(``memory``: the same rule in this process; ``closed``; ``open``), and asyncpg's errors
+never leave this module.
 """
 
 from __future__ import annotations

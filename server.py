@@ -55,9 +55,9 @@ from bridge.realtime_client import ModelConnector, RealtimeConnector
 from calls import status
 from calls.services import Services
 from config import MAX_MESSAGE_BYTES, VERSION, ConfigError, Settings, help_text
+from db.bounded import DatabaseGate
 from db.calls import CallStore
 from db.database import open_database
-from db.migrate import migrate
 from db.sql import Queries
 from handlers import admin, cors, frontend, health, pages
 from handlers import twilio as twilio_handlers
@@ -127,14 +127,15 @@ async def database(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     async with open_database(settings) as db:
         app[DATABASE] = db
-        queries = Queries.load()  # every sql/*.sql, read once and checked
-        app[LIMITER] = limiter = build_limiter(settings, db.pool, queries, app[METRICS])
-        app[CALL_STORE] = store = CallStore(db.pool, queries, settings.database_timeout_ms / 1000)
-        app[FANOUT] = PgFanout(db.dsn, db.pool, queries, app[BUS])
+        queries = db.queries
+        app[LIMITER] = limiter = build_limiter(settings, db.gate, queries, app[METRICS])
+        app[CALL_STORE] = store = CallStore(db.gate, queries, settings.database_timeout_ms / 1000)
+        app[FANOUT] = PgFanout(db.dsn, db.gate, queries, app[BUS])
         app[SERVICES] = Services(settings, limiter, store, app[BUS], app[TWILIO_REST], app[HTTP],
                                  app[TOKEN_SECRET], app[LIFECYCLE])
         app[CALL_SERVICES] = call_services(settings, app)
-        yield
+        async with _duty(db.gate.watch(), "database-watch"):  # probes; migrates once it can
+            yield
 
 
 async def limiter_duties(app: web.Application) -> AsyncIterator[None]:
@@ -176,9 +177,9 @@ async def last_calls(app: web.Application) -> None:
     await drain(app, timeout=0)
 
 
-def build_limiter(settings: Settings, db_pool, queries: Queries, metrics: Metrics | None = None) -> Limiter:
+def build_limiter(settings: Settings, gate: DatabaseGate, queries: Queries, metrics: Metrics | None = None) -> Limiter:
     return Limiter(
-        db_pool,
+        gate,
         queries,
         PhoneKeyer(settings.phone_key.value, [k.value for k in settings.phone_previous_keys]),
         Rules(settings.phone_max_calls, settings.phone_window_ms, settings.phone_cooldown_ms),
@@ -295,13 +296,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 async def run_admin(settings: Settings, args: argparse.Namespace) -> int:
-    async with open_database(settings, apply_migrations=args.action != "migrate") as db:
+    async with open_database(settings, require=True) as db:  # migrated on the way in
         if args.action == "migrate":
-            async with db.pool.acquire() as conn:
-                applied = await migrate(conn)
+            applied = db.gate.applied
             print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
             return 0
-        limiter = build_limiter(settings, db.pool, Queries.load())
+        limiter = build_limiter(settings, db.gate, db.queries)
         if args.action == "stats":
             print(orjson.dumps(await limiter.stats(), option=orjson.OPT_INDENT_2).decode())
         elif args.action == "cleanup":

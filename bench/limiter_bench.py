@@ -45,7 +45,9 @@ sys.path.insert(0, str(ROOT))
 import asyncpg  # noqa: E402
 
 from bench.common import run_database  # noqa: E402
+from db.bounded import DatabaseGate  # noqa: E402
 from db.database import create_pool  # noqa: E402
+from db.migrate import migrate  # noqa: E402
 from db.sql import Queries  # noqa: E402
 from limiter.errors import InvalidNumber  # noqa: E402
 from limiter.limiter import Limiter, Regions  # noqa: E402
@@ -286,7 +288,10 @@ async def main() -> None:
     async with run_database(migrated=True) as (dsn, where):
         pool = await create_pool(dsn, args.pool_size, client_timeout_ms=2000)
         try:
-            limiter = Limiter(pool, Queries.load(), PhoneKeyer(BENCH_KEY), RULES, REGIONS,
+            queries = Queries.load()
+            gate = DatabaseGate(pool, queries.database_ping, migrate, 2.0)
+            await gate.probe()
+            limiter = Limiter(gate, queries, PhoneKeyer(BENCH_KEY), RULES, REGIONS,
                               fail_mode="memory", timeout=2.0)
             version = await pool.fetchval("SHOW server_version")
             phases, notes = await run_phases(limiter, pool, args)

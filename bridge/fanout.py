@@ -19,7 +19,7 @@ import asyncpg
 import orjson
 
 from bridge.events import Event, EventBus
-from db.bounded import DatabaseAway, run_bounded
+from db.bounded import DatabaseAway, DatabaseGate
 from db.errors import AWAY
 from db.sql import Queries
 
@@ -48,9 +48,9 @@ def _clip(event: Event) -> Event:
 
 
 class PgFanout:
-    def __init__(self, dsn: str, pool: asyncpg.Pool, queries: Queries, bus: EventBus) -> None:
+    def __init__(self, dsn: str, gate: DatabaseGate, queries: Queries, bus: EventBus) -> None:
         self._dsn = dsn
-        self._pool = pool
+        self._gate = gate
         self._q = queries
         self._bus = bus
         self.instance = secrets.token_hex(6)
@@ -89,7 +89,7 @@ class PgFanout:
                 batch.append(self._outbox.get_nowait())
             for payload in self._payloads(batch):
                 try:
-                    await run_bounded(self._pool, lambda conn, p=payload: conn.execute(
+                    await self._gate.run(lambda conn, p=payload: conn.execute(
                         self._q.events_notify, CHANNEL, p), SEND_TIMEOUT_S)
                 except DatabaseAway:
                     self._dropped += 1

@@ -1,16 +1,23 @@
 """One statement (or a short transaction) on a pooled connection, bounded in time, whatever
-PostgreSQL does: the limiter, the call store and the fan-out all go through here."""
+PostgreSQL does; and the gate that knows whether PostgreSQL is there at all. The limiter, the
+call store and the fan-out all go through here."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
 
 from db.errors import AWAY
+
+log = logging.getLogger("callgate.db")
+
+PROBE_EVERY_S = 2.0         # while PostgreSQL answers: how fresh `up` is
+PROBE_MAX_BACKOFF_S = 10.0  # while it is away: the longest wait between two probes
 
 
 class DatabaseAway(Exception):
@@ -50,3 +57,74 @@ async def run_bounded(pool: asyncpg.Pool, work: Callable[[asyncpg.Connection], A
             with contextlib.suppress(asyncpg.InterfaceError):
                 conn.terminate()
                 await pool.release(conn)
+
+
+class DatabaseGate:
+    """Whether PostgreSQL answers, as every user of the pool sees it, and the one way to use it.
+
+    ``run`` is ``run_bounded``, with one difference: once PostgreSQL is known to be away, calls
+    fail at once (DatabaseAway, ``sent`` False) instead of each waiting out its timeout, until
+    ``watch``'s next probe finds it back. So during an outage a request pays at most the one
+    timeout that discovered it, and ``up`` answers health checks without touching the network.
+
+    ``watch`` also brings the schema up: a server can start while PostgreSQL is away; the first
+    probe that reaches it migrates, then the gate opens.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, probe_sql: str, migrate: Callable[[asyncpg.Connection], Awaitable[Any]],
+                 timeout: float) -> None:
+        self.pool = pool
+        self.up = False            # PostgreSQL answered the last call or probe (and is migrated)
+        self.migrated = False
+        self.applied: list[str] = []  # migrations this process applied
+        self._probe_sql = probe_sql
+        self._migrate = migrate
+        self._timeout = timeout
+        self.became_up = asyncio.Event()  # set each time it comes (back) up; for write-backs
+
+    async def run(self, work: Callable[[asyncpg.Connection], Awaitable[Any]], seconds: float) -> Any:
+        if not self.up:
+            raise DatabaseAway(ConnectionError("PostgreSQL is away (until the next probe finds it back)"), sent=False)
+        try:
+            return await run_bounded(self.pool, work, seconds)
+        except DatabaseAway as exc:
+            self._set(False, exc)
+            raise
+
+    async def probe(self) -> bool:
+        """Try PostgreSQL now (migrating first if that is still to do); returns ``up``."""
+        async def check(conn: asyncpg.Connection) -> None:
+            if not self.migrated:
+                self.applied = await self._migrate(conn)
+                self.migrated = True
+            await conn.fetchval(self._probe_sql)
+
+        try:
+            # A migration may wait for another instance's: it gets longer than one statement.
+            await run_bounded(self.pool, check, self._timeout if self.migrated else max(self._timeout, 30.0))
+        except DatabaseAway as exc:
+            self._set(False, exc)
+        else:
+            self._set(True)
+        return self.up
+
+    async def watch(self) -> None:
+        """Background duty until cancelled: probe every PROBE_EVERY_S while up (so ``up`` is
+        fresh); while away, with a back-off doubling up to PROBE_MAX_BACKOFF_S."""
+        backoff = PROBE_EVERY_S
+        while True:
+            await asyncio.sleep(PROBE_EVERY_S if self.up else backoff)
+            backoff = PROBE_EVERY_S if await self.probe() else min(backoff * 2, PROBE_MAX_BACKOFF_S)
+
+    def _set(self, up: bool, exc: BaseException | None = None) -> None:
+        if up == self.up:
+            return
+        self.up = up
+        if up:
+            log.info("PostgreSQL is available")
+            self.became_up.set()
+        else:
+            cause = exc.__cause__ if exc is not None and exc.__cause__ is not None else exc
+            log.warning("PostgreSQL is unavailable (%s); decisions fall back until it answers",
+                        f"{type(cause).__name__}: {str(cause)[:200]}" if cause else "no answer")
+            self.became_up.clear()

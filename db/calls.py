@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from db.bounded import DatabaseAway, run_bounded
+from db.bounded import DatabaseAway, DatabaseGate
 from db.sql import Queries
 
 log = logging.getLogger("callgate.calls")
@@ -50,8 +50,8 @@ AWAY: Any = object()  # what a statement "returned" when PostgreSQL was away (se
 
 
 class CallStore:
-    def __init__(self, pool: asyncpg.Pool, queries: Queries, timeout: float) -> None:
-        self._pool = pool
+    def __init__(self, gate: DatabaseGate, queries: Queries, timeout: float) -> None:
+        self._gate = gate
         self._q = queries
         self._timeout = timeout
         # Stream tokens spent while PostgreSQL was away, with their expiry (see spend_token).
@@ -60,7 +60,7 @@ class CallStore:
     async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[T]], when_away: T, what: str) -> T:
         """``work`` on a pooled connection, bounded; ``when_away`` (logged) if PostgreSQL is away."""
         try:
-            return await run_bounded(self._pool, work, self._timeout)
+            return await self._gate.run(work, self._timeout)
         except DatabaseAway as exc:
             log.warning("%s: not done, the database is unavailable (%s)", what, exc)
             return when_away

@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import asyncpg
 
 from config import Settings
+from db.bounded import DatabaseGate
 from db.embedded import EmbeddedPostgres
 from db.migrate import migrate
+from db.sql import Queries
 
 log = logging.getLogger("callgate.db")
 
@@ -38,6 +40,8 @@ def server_settings(client_timeout_ms: int) -> dict[str, str]:
 @dataclass
 class Database:
     pool: asyncpg.Pool
+    gate: DatabaseGate  # whether PostgreSQL answers; the one way to use the pool
+    queries: Queries
     embedded: EmbeddedPostgres | None
     dsn: str
 
@@ -47,9 +51,11 @@ class Database:
 
 
 async def create_pool(dsn: str, size: int, client_timeout_ms: int) -> asyncpg.Pool:
+    """A pool that connects when first used (min_size 0): it can be made while PostgreSQL is
+    away, and heals by itself when it returns."""
     return await asyncpg.create_pool(
         dsn,
-        min_size=1,
+        min_size=0,
         max_size=size,
         command_timeout=max(client_timeout_ms / 1000 * 2, 1),
         timeout=5,  # connection establishment
@@ -58,7 +64,10 @@ async def create_pool(dsn: str, size: int, client_timeout_ms: int) -> asyncpg.Po
 
 
 @contextlib.asynccontextmanager
-async def open_database(settings: Settings, *, apply_migrations: bool = True) -> AsyncIterator[Database]:
+async def open_database(settings: Settings, *, require: bool = False) -> AsyncIterator[Database]:
+    """The database for the server (``require`` False: PostgreSQL may be away at start; the
+    gate then says so, and ``DatabaseGate.watch`` migrates and opens it once it answers) or
+    for an admin command (``require`` True: away is an error)."""
     embedded = None
     dsn = settings.dsn.value if settings.dsn else None
     if dsn is None:
@@ -66,13 +75,17 @@ async def open_database(settings: Settings, *, apply_migrations: bool = True) ->
         log.info("no DATABASE_URL: starting the embedded PostgreSQL (data in %s)", embedded.data_dir)
         dsn = await asyncio.to_thread(embedded.start)
     try:
+        queries = Queries.load()  # every sql/*.sql, read once and checked
         pool = await create_pool(dsn, settings.pool_size, settings.database_timeout_ms)
         try:
-            if apply_migrations:
-                async with pool.acquire() as conn:
-                    applied = await migrate(conn)
-                log.info("schema up to date (%d migration(s) applied now)", len(applied))
-            yield Database(pool, embedded, dsn)
+            gate = DatabaseGate(pool, queries.database_ping, migrate, settings.database_timeout_ms / 1000)
+            if await gate.probe():  # once, bounded: usually PostgreSQL is there at start
+                log.info("schema up to date")
+            elif require:
+                raise ConnectionError("PostgreSQL does not answer (check DATABASE_URL)")
+            else:
+                log.warning("starting without PostgreSQL: serving degraded, trying again in the background")
+            yield Database(pool, gate, queries, embedded, dsn)
         finally:
             # Shielded: the pool must close (and the server stop) even when our task is cancelled.
             await asyncio.shield(pool.close())

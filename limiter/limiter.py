@@ -28,7 +28,7 @@ from typing import Any
 
 import asyncpg
 
-from db.bounded import DatabaseAway, run_bounded
+from db.bounded import DatabaseAway, DatabaseGate
 from db.errors import RETRY_ONCE
 from db.sql import Queries
 from limiter.errors import InvalidNumber, LimiterError, LimiterUnavailable
@@ -87,7 +87,7 @@ class Regions:
 
 
 class Limiter:
-    """Per-number call limits over one asyncpg pool.
+    """Per-number call limits, through the database gate (one asyncpg pool).
 
     ``clock`` returns the epoch ms to decide at, or None (the default) for the database's own
     clock; tests pass a fixed clock to move time without sleeping.
@@ -95,7 +95,7 @@ class Limiter:
 
     def __init__(
         self,
-        pool: asyncpg.Pool,
+        gate: DatabaseGate,
         queries: Queries,
         keyer: PhoneKeyer,
         rules: Rules,
@@ -108,7 +108,7 @@ class Limiter:
     ) -> None:
         if fail_mode not in FAIL_MODES:
             raise ValueError(f"fail_mode must be one of {FAIL_MODES}, not {fail_mode!r}")
-        self._pool = pool
+        self.gate = gate
         self._q = queries
         self._keyer = keyer
         self.rules = rules
@@ -118,7 +118,6 @@ class Limiter:
         self._clock = clock
         self._observe = observe or (lambda op, decision, seconds: None)
         self.memory = MemoryLog()
-        self.database_ok = True
         # Serialises writing back with refunds, so a refund never lands before the charge it undoes.
         self._writeback = asyncio.Lock()
 
@@ -156,24 +155,17 @@ class Limiter:
 
     async def _attempt(self, work: Callable[[asyncpg.Connection], Awaitable[Any]], deadline: _Deadline) -> Any:
         try:
-            result = await run_bounded(self._pool, work, deadline.left())
+            return await self.gate.run(work, deadline.left())
         except DatabaseAway as exc:
-            self._away(exc.__cause__)
             raise LimiterUnavailable(str(exc), sent=exc.sent) from exc
         except asyncpg.PostgresError as exc:
             if isinstance(exc, RETRY_ONCE):
                 raise
             raise LimiterError(f"{type(exc).__name__}: {exc}") from exc
-        if not self.database_ok:
-            log.info("PostgreSQL is back")
-            self.database_ok = True
-        return result
 
-    def _away(self, exc: BaseException) -> None:
-        if self.database_ok:
-            log.warning("PostgreSQL unavailable (%s: %s); fail mode %s",
-                        type(exc).__name__, str(exc)[:200] or "timeout", self.fail_mode)
-        self.database_ok = False
+    @property
+    def database_ok(self) -> bool:
+        return self.gate.up
 
     async def _fetchrow(self, query: str, *args: Any, deadline: _Deadline | None = None) -> asyncpg.Record:
         return await self._run(lambda conn: conn.fetchrow(query, *args), deadline or _Deadline(self._timeout))
@@ -186,12 +178,8 @@ class Limiter:
                                     rules.cooldown_ms, self._clock(), at_ms, force, region, deadline=deadline)
 
     async def check_database(self) -> bool:
-        """Ask PostgreSQL for a trivial answer; updates and returns ``database_ok``."""
-        try:
-            await self._fetchrow(self._q.database_ping)
-        except LimiterError:
-            return False
-        return True
+        """Probe PostgreSQL now (the gate's probe); returns whether it answers."""
+        return await self.gate.probe()
 
     @contextlib.asynccontextmanager
     async def _writeback_lock(self, deadline: _Deadline):

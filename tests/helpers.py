@@ -21,6 +21,8 @@ from twilio.request_validator import RequestValidator
 from appkeys import BUS
 from bridge.events import Event, EventBus
 from config import Settings
+from db.bounded import DatabaseGate
+from db.migrate import migrate
 from db.sql import Queries
 from limiter.limiter import Limiter, Regions
 from limiter.phone import PhoneKeyer
@@ -206,11 +208,18 @@ class Clock:
         self.now_ms += ms
 
 
+def gate_for(pool) -> DatabaseGate:
+    """The database gate over ``pool``, open (the test's database is migrated)."""
+    gate = DatabaseGate(pool, Queries.load().database_ping, migrate, TEST_DB_TIMEOUT_MS / 1000)
+    gate.up = gate.migrated = True
+    return gate
+
+
 def make_limiter(pool, *, max_calls: int = 2, window_ms: int = 3_600_000, cooldown_ms: int = 0,
                  key: str = TEST_KEY, previous: tuple[str, ...] = (), fail_mode: str = "memory",
                  clock=None, timeout: float = 2.0, regions=("US", "AU", "IN")) -> Limiter:
     return Limiter(
-        pool, Queries.load(), PhoneKeyer(key, previous), Rules(max_calls, window_ms, cooldown_ms),
+        gate_for(pool), Queries.load(), PhoneKeyer(key, previous), Rules(max_calls, window_ms, cooldown_ms),
         Regions("US", frozenset(regions)), fail_mode=fail_mode, timeout=timeout,
         **({"clock": clock} if clock else {}),
     )

@@ -11,7 +11,7 @@ import pytest
 from db.calls import CallStore
 from db.database import create_pool
 from db.sql import Queries
-from helpers import proxied
+from helpers import gate_for, proxied
 
 
 @pytest.fixture
@@ -19,7 +19,7 @@ async def store_and_proxy(dsn):
     async with proxied(dsn) as proxy:
         pool = await create_pool(proxy.dsn, 2, client_timeout_ms=300)
         try:
-            yield CallStore(pool, Queries.load(), timeout=0.3), proxy
+            yield CallStore(gate_for(pool), Queries.load(), timeout=0.3), proxy
         finally:
             pool.terminate()
 

@@ -7,11 +7,12 @@ import os
 import subprocess
 import sys
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from appkeys import LIFECYCLE, LIMITER
-from helpers import ROOT, TEST_KEY, proxied, settings_for
+from helpers import ROOT, TEST_KEY, proxied, settings_for, wait_until
 from server import create_app
 
 
@@ -38,17 +39,29 @@ async def test_health_keeps_phone_screens_shape(client):
 
 
 async def test_healthz_degraded_while_database_is_away(dsn):
-    """/healthz says degraded (still 200) while PostgreSQL is unreachable, ok once it is back."""
+    """/healthz says degraded (still 200) once the database gate's probe finds PostgreSQL
+    gone, without itself waiting for PostgreSQL (a black hole cannot make it time out), and
+    ok once the probe finds it back."""
     async with proxied(dsn) as proxy:
         settings = settings_for(proxy.dsn, LIMITER_TIMEOUT_MS="300")
         async with TestClient(TestServer(create_app(settings))) as client:
-            proxy.cut()
-            resp = await client.get("/healthz")
-            assert resp.status == 200
-            assert (await resp.json())["status"] == "degraded"
-            assert (await resp.json())["database"] == "unavailable"
+            async def health() -> dict:
+                resp = await client.get("/healthz", timeout=aiohttp.ClientTimeout(total=1))
+                assert resp.status == 200
+                return await resp.json()
+
+            proxy.stall()  # a black hole: connections open, nothing ever answers
+            degraded = await wait_until(lambda: _when(health(), lambda b: b["status"] == "degraded"),
+                                        what="/healthz to say degraded")
+            assert degraded["database"] == "unavailable"
             proxy.restore()
-            assert (await (await client.get("/healthz")).json())["status"] == "ok"
+            await wait_until(lambda: _when(health(), lambda b: b["status"] == "ok"), what="/healthz to say ok")
+
+
+async def _when(answer, accept):
+    """``answer`` (awaited) if ``accept`` takes it, else None: for wait_until."""
+    value = await answer
+    return value if accept(value) else None
 
 
 async def test_healthz_is_503_while_draining(client):

@@ -53,6 +53,7 @@ async def test_memory_mode_keeps_the_rule_and_writes_back(pool, proxy, proxied_p
     assert limiter.pending == 2
 
     proxy.restore()
+    assert await limiter.check_database()  # the gate's probe finds it back
     assert await limiter.flush() == 2
     assert await limiter.flush() == 0
     assert limiter.pending == 0
@@ -73,6 +74,7 @@ async def test_write_back_after_a_ghost_write_counts_once(pool, proxy, proxied_p
     assert (decision.allowed, decision.source) == (True, "memory")
     assert await charges_in_database(pool) == 2  # the ghost write landed
     proxy.restore()
+    assert await limiter.check_database()  # the gate's probe finds it back
     await limiter.flush()
     assert await charges_in_database(pool) == 2
     assert (await limiter.test(NUMBER)).remaining == 1
@@ -119,6 +121,7 @@ async def test_refund_after_a_ghost_write_reaches_the_database(pool, proxy, prox
     proxy.cut()
     assert await limiter.refund("CA1") is True
     proxy.restore()
+    assert await limiter.check_database()  # the gate's probe finds it back
     await limiter.flush()
     assert await pool.fetchval("SELECT cardinality(times) FROM phone_limits WHERE 'CA1' = ANY (charges)") is None
     assert (await limiter.test(NUMBER)).remaining == 2
@@ -131,6 +134,7 @@ async def test_refund_during_write_back_is_not_lost(pool, proxy, proxied_pool):
     for i in range(3):
         await limiter.hit(NUMBER, f"CA{i}")
     proxy.restore()
+    assert await limiter.check_database()  # the gate's probe finds it back
     flushing = asyncio.create_task(limiter.flush())
     await wait_until(limiter._writeback.locked, what="the write-back to start")
     await limiter.refund("CA2")
@@ -148,6 +152,7 @@ async def test_closed_mode_refuses_while_away(pool, proxy, proxied_pool):
     assert (decision.allowed, decision.reason, decision.source) == (False, "limiter_unavailable", "closed")
     assert not (await limiter.test(NUMBER)).allowed
     proxy.restore()
+    assert await limiter.check_database()  # the gate's probe finds it back
     assert await limiter.flush() == 0
     assert await charges_in_database(pool) == 0
     assert (await limiter.hit(NUMBER, "CA2")).allowed
@@ -159,6 +164,7 @@ async def test_open_mode_allows_and_still_counts(pool, proxy, proxied_pool):
     proxy.cut()
     assert all([(await limiter.hit(NUMBER, f"CA{i}")).allowed for i in range(3)])
     proxy.restore()
+    assert await limiter.check_database()  # the gate's probe finds it back
     assert await limiter.flush() == 3
     assert await charges_in_database(pool) == 3
     assert not (await limiter.hit(NUMBER, "CA9")).allowed
@@ -172,6 +178,7 @@ async def test_refund_while_away_is_written_back(pool, proxy, proxied_pool):
     assert await limiter.refund("CA1") is True
     assert (await limiter.test(NUMBER)).allowed
     proxy.restore()
+    assert await limiter.check_database()  # the gate's probe finds it back
     await limiter.flush()
     assert await charges_in_database(pool) == 0
 
@@ -182,6 +189,7 @@ async def test_next_decision_after_recovery_counts_memory_charges(pool, proxy, p
     proxy.cut()
     assert (await limiter.hit(NUMBER, "CA1")).allowed
     proxy.restore()
+    assert await limiter.check_database()  # the gate's probe finds it back
     assert not (await limiter.hit(NUMBER, "CA2")).allowed
     assert await charges_in_database(pool) == 1
 

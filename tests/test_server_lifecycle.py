@@ -10,12 +10,27 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 
 import aiohttp
+import asyncpg
 from aiohttp import web
 
 from appkeys import BUS, LIFECYCLE
-from helpers import AUTH_TOKEN, PUBLIC_URL, ROOT, TEST_KEY, collect, settings_for, wait_until
+from db.sql import migrations
+from helpers import (
+    AUTH_TOKEN,
+    PUBLIC_URL,
+    ROOT,
+    TEST_KEY,
+    UNIT,
+    callgate,
+    collect,
+    proxied,
+    settings_for,
+    wait_until,
+    with_database,
+)
 from server import create_app, drain
 from tools.fake_realtime import FakeRealtime
 from tools.fake_twilio_api import FakeTwilioApi
@@ -115,3 +130,45 @@ async def _wait_healthy(url: str) -> None:
             except aiohttp.ClientConnectionError:
                 return False  # not listening yet
         await wait_until(healthy, timeout=60, what=f"{url} to answer 200")
+
+
+async def test_the_server_starts_without_postgresql_and_heals_when_it_comes(server_dsn, monkeypatch):
+    """PostgreSQL refuses connections at start: the server still starts and listens, /healthz
+    says degraded, a caller is answered as the fail mode says (memory: admitted), call.start
+    is refused at once and says why. When PostgreSQL comes, the schema is migrated and the
+    server is ok, without a restart."""
+    import db.bounded
+
+    monkeypatch.setattr(db.bounded, "PROBE_EVERY_S", UNIT)
+    monkeypatch.setattr(db.bounded, "PROBE_MAX_BACKOFF_S", 2 * UNIT)
+    name = f"t_empty_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(with_database(server_dsn, "postgres"))
+    await admin.execute(f'CREATE DATABASE "{name}"')  # no schema yet: start must migrate it
+    try:
+        async with proxied(with_database(server_dsn, name)) as proxy:
+            proxy.cut()
+            async with callgate(proxy.dsn, TWILIO_PHONE_NUMBER_US="+14155550000",
+                                ALLOWED_ORIGINS="https://callgate.test") as h, aiohttp.ClientSession() as http:
+                health = await (await http.get(h.url + "/healthz")).json()
+                twiml = await h.call(audio=b"").webhook()
+                ws = await http.ws_connect(h.url + "/logs", headers={"Origin": "https://callgate.test"})
+                await ws.send_json({"type": "call.start", "phoneNumber": "+14155550123", "scenarioId": "job-interview",
+                                    "config": {"jobTitle": "Chef", "company": "Bistro"}})
+                refused = await ws.receive_json(timeout=5)
+                await ws.close()
+                proxy.restore()
+                await wait_until(lambda: _status(http, h.url), timeout=10, what="/healthz to say ok")
+                tables = await asyncpg.connect(with_database(server_dsn, name))
+                migrated = await tables.fetchval("SELECT count(*) FROM schema_migrations")
+                await tables.close()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+    assert (health["status"], health["database"]) == ("degraded", "unavailable")
+    assert twiml.stream_url  # LIMITER_FAIL_MODE=memory: the per-number rule held in memory
+    assert (refused["code"], "try again" in refused["message"]) == ("unavailable", True)
+    assert migrated == len(migrations())
+
+
+async def _status(http: aiohttp.ClientSession, url: str) -> bool:
+    return (await (await http.get(url + "/healthz")).json())["status"] == "ok"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class Lifecycle:
+    instance_id: str = field(default_factory=lambda: secrets.token_hex(6))  # this process, among instances
     started_at: float = field(default_factory=time.time)
     draining: bool = False
     calls: dict[str, Call] = field(default_factory=dict)  # live calls on this instance

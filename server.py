@@ -46,13 +46,13 @@ from appkeys import (
     TOKEN_SECRET,
     TWILIO_REST,
 )
-from bridge import tokens
+from bridge import events, tokens
 from bridge.call import CallServices
 from bridge.events import EventBus
 from bridge.fanout import PgFanout
 from bridge.offline import OfflineConnector
 from bridge.realtime_client import ModelConnector, RealtimeConnector
-from calls import status
+from calls import admission, status
 from calls.services import Services
 from config import MAX_MESSAGE_BYTES, VERSION, ConfigError, Settings, help_text
 from db.bounded import DatabaseGate
@@ -129,8 +129,11 @@ async def database(app: web.Application) -> AsyncIterator[None]:
         app[DATABASE] = db
         queries = db.queries
         app[LIMITER] = limiter = build_limiter(settings, db.gate, queries, app[METRICS])
-        app[CALL_STORE] = store = CallStore(db.gate, queries, settings.database_timeout_ms / 1000)
-        app[FANOUT] = PgFanout(db.dsn, db.gate, queries, app[BUS])
+        lifecycle = app[LIFECYCLE]
+        app[CALL_STORE] = store = CallStore(db.gate, queries, settings.database_timeout_ms / 1000,
+                                            admission.cap_rule(settings), lifecycle.instance_id,
+                                            live_here=lifecycle.calls.keys)
+        app[FANOUT] = PgFanout(db.dsn, db.gate, queries, app[BUS], lifecycle.instance_id)
         app[SERVICES] = Services(settings, limiter, store, app[BUS], app[TWILIO_REST], app[HTTP],
                                  app[TOKEN_SECRET], app[LIFECYCLE])
         app[CALL_SERVICES] = call_services(settings, app)
@@ -145,8 +148,17 @@ async def limiter_duties(app: web.Application) -> AsyncIterator[None]:
 
 
 async def calls_duties(app: web.Application) -> AsyncIterator[None]:
-    async with _duty(tidy_calls(app[CALL_STORE]), "calls-maintenance"):
+    """Old records forgotten; this instance's heartbeat, dead instances' calls ended (their
+    followers told), calls admitted while PostgreSQL was away recorded."""
+    store, bus = app[CALL_STORE], app[BUS]
+
+    def reaped(call_sid: str) -> None:
+        bus.publish(events.status_changed(call_sid, "ended", "instance_lost"))
+
+    async with _duty(tidy_calls(store), "calls-cleanup"), \
+            _duty(store.maintain(reaped, status.FINAL_RANK), "calls-upkeep"):
         yield
+    await store.leave()
 
 
 async def event_fanout(app: web.Application) -> AsyncIterator[None]:

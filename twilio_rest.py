@@ -15,6 +15,8 @@ from twilio.rest import Client
 
 log = logging.getLogger("callgate.twilio")
 
+RING_TIMEOUT_S = 30  # how long Twilio lets an outbound call ring before giving up (no-answer)
+
 # Twilio's answers for a call that has already ended: not found, or "not in progress".
 ALREADY_ENDED_CODES = frozenset({20404, 21220})
 
@@ -73,7 +75,7 @@ class TwilioRest:
                     to=to, from_=from_, url=url, method="POST",
                     status_callback=status_callback, status_callback_method="POST",
                     status_callback_event=["initiated", "ringing", "answered", "completed"],
-                    timeout=30,
+                    timeout=RING_TIMEOUT_S,
                 )
         except TwilioRestException as exc:
             if 400 <= exc.status < 500:

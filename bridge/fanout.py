@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 from typing import Any
 
 import asyncpg
@@ -48,12 +47,12 @@ def _clip(event: Event) -> Event:
 
 
 class PgFanout:
-    def __init__(self, dsn: str, gate: DatabaseGate, queries: Queries, bus: EventBus) -> None:
+    def __init__(self, dsn: str, gate: DatabaseGate, queries: Queries, bus: EventBus, instance_id: str) -> None:
         self._dsn = dsn
         self._gate = gate
         self._q = queries
         self._bus = bus
-        self.instance = secrets.token_hex(6)
+        self.instance = instance_id
         self._outbox: asyncio.Queue[Event] = asyncio.Queue(QUEUE)
         self._dropped = 0
         self.listening = asyncio.Event()

@@ -3,7 +3,7 @@
 A token is ``base64url(payload).base64url(HMAC-SHA256(secret, payload))``; the payload binds
 it to one CallSid and to the stream parameters it was issued with, and carries an expiry and a
 unique id (``jti``). Single use across instances is enforced by the database
-(``sql/stream_token_use.sql``), not here. Pure: no I/O.
+(``sql/calls_stream_start.sql``), not here. Pure: no I/O.
 """
 
 from __future__ import annotations

@@ -5,12 +5,13 @@ One inbound call, file by file:
 1. ``handlers/twilio.py`` ``twiml``: checks Twilio's signature, reads the form → ``WebhookCall``;
 2. here, ``admit_webhook``: the number parsed and charged (``limiter/limiter.py`` →
    ``sql/limiter_hit.sql``), the scenario chosen (``scenarios``: call.start's stored request,
-   or the URL's query), the global cap checked and the call recorded (``db/calls.py`` →
-   ``sql/calls_admit.sql``; refunded if refused), a stream token minted (``bridge/tokens.py``)
+   or the URL's query), a stream token minted (``bridge/tokens.py``), the global cap checked
+   and the call recorded with its answer (``db/calls.py`` → ``sql/calls_admit.sql``; refunded
+   if refused; a retried webhook gets the same answer, a replayed one a hang-up)
    → ``Connect`` (the handler renders ``<Connect><Stream>``) or ``Refuse`` (``<Say>``, ``<Hangup/>``);
 3. Twilio opens ``/call``: ``handlers/twilio.py`` ``media_stream`` reads ``start``, then here,
-   ``admit_stream``: the token checked and spent once (``sql/stream_token_use.sql``) → a
-   ``CallSetup``;
+   ``admit_stream``: the token checked and spent once, the call marked streaming here, once
+   (``sql/calls_stream_start.sql``) → a ``CallSetup``;
 4. ``bridge/call.py`` runs the call; its statuses go through ``calls/status.py``;
 5. Twilio's status callbacks: ``handlers/twilio.py`` → ``calls/status.py`` ``on_callback``
    (refunds a call that never connected).
@@ -31,11 +32,22 @@ from bridge import tokens
 from bridge import twilio as wire
 from bridge.call import CallSetup
 from calls.services import Services
+from db.calls import Cap
 from limiter.errors import InvalidNumber
+from twilio_rest import RING_TIMEOUT_S
 
 log = logging.getLogger("callgate.admission")
 
-STALE_GRACE_S = 120.0  # an unended call this long past the session limit was lost with its instance
+# How long a call counts under the global cap (db/calls.py:Cap): a streaming one for the session
+# limit plus this grace; an admitted one whose stream has not started, SETUP_S; an outbound
+# call's place while it rings, its ring timeout plus HOLD_GRACE_S. Past these a call was lost
+# (its instance died, or Twilio never opened the stream) and no longer holds its place.
+STALE_GRACE_S = 120.0
+SETUP_S = 60.0
+HOLD_GRACE_S = 30.0
+# Twilio's words for a call's direction: anything else in a signed webhook is refused (it would
+# end up in logs and records as sent).
+DIRECTIONS = frozenset({"inbound", "outbound-api", "outbound-dial", "trunking-originating", "trunking-terminating"})
 # Twilio bounds the length of a stream's <Parameter>s (error 31103): a config longer than this
 # (a pasted job description) is kept in PostgreSQL and the stream gets its id instead.
 MAX_CONFIG_PARAMETER = 400
@@ -67,9 +79,9 @@ class Connect:
 
 @dataclass(frozen=True)
 class Refuse:
-    """Say this, then hang up."""
+    """Say this (if anything), then hang up."""
 
-    say: str
+    say: str | None
 
 
 class StreamRefused(Exception):
@@ -97,19 +109,30 @@ async def admit_webhook(services: Services, call: WebhookCall) -> Connect | Refu
         log.error("webhook %s: %s (check the webhook URL's ?scenario=)", call.call_sid, exc)
         await limiter.refund(call.charge_id)
         return Refuse(SAY_BUSY)
-    settings = services.settings
-    admitted = await services.store.admit(
-        call.call_sid, call.charge_id, call.direction, phone.region, scenario.id,
-        max_live=settings.max_concurrent_calls, stale_after_s=settings.session_duration_ms / 1000 + STALE_GRACE_S)
-    if not admitted:
-        log.warning("webhook %s refused: %d calls live already", call.call_sid, settings.max_concurrent_calls)
-        await limiter.refund(call.charge_id)
-        return Refuse(SAY_BUSY)
     params = {"scenarioId": scenario.id, "voice": voice,
               **await _config_parameter(services, call.call_sid, scenario, config, voice)}
     params[tokens.TOKEN_PARAMETER] = tokens.mint(services.token_secret, call.call_sid, params)
-    log.info("webhook %s (%s, %s): connecting to %s", call.call_sid, call.direction, phone.masked, scenario.id)
-    return Connect(params)
+    admission = await services.store.admit(call.call_sid, call.charge_id, call.direction, phone.region,
+                                           scenario.id, params)
+    if admission.state in ("ended", "streaming"):
+        # A replay (Twilio signatures carry no time): the call had its stream, or has ended.
+        # Its charge is the first webhook's, so nothing is refunded.
+        log.warning("webhook %s refused: the call %s already", call.call_sid,
+                    "has ended" if admission.state == "ended" else "has its stream")
+        return Refuse(None)
+    if not admission.admitted:
+        log.warning("webhook %s refused: %d calls live already", call.call_sid, services.settings.max_concurrent_calls)
+        await limiter.refund(call.charge_id)
+        return Refuse(SAY_BUSY)
+    log.info("webhook %s (%s, %s): connecting to %s%s", call.call_sid, call.direction, phone.masked, scenario.id,
+             " (a retry: the same answer)" if admission.state == "pending" else "")
+    return Connect(admission.stream_params)
+
+
+def cap_rule(settings) -> Cap:
+    """The global cap, as db/calls.py counts it."""
+    return Cap(max_live=settings.max_concurrent_calls, session_s=settings.session_duration_ms / 1000 + STALE_GRACE_S,
+               setup_s=SETUP_S, hold_s=RING_TIMEOUT_S + HOLD_GRACE_S, fail_mode=settings.limiter_fail_mode)
 
 
 def _wait_words(reset_ms: int) -> str:
@@ -160,8 +183,8 @@ async def admit_stream(services: Services, start: wire.Start) -> CallSetup:
         claims = tokens.verify(services.token_secret, params.get(tokens.TOKEN_PARAMETER), start.call_sid, params)
     except tokens.TokenError as exc:
         raise StreamRefused(str(exc)) from None
-    if not await services.store.spend_token(claims.jti, claims.expires):
-        raise StreamRefused("stream token already used")
+    if not await services.store.start_stream(claims.jti, start.call_sid, claims.expires):
+        raise StreamRefused("stream token already used, or the call already had its stream")
     try:
         scenario = scenarios.get(params.get("scenarioId"))
         config = orjson.loads(params.get("config") or "{}")

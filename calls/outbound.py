@@ -7,8 +7,9 @@ One ``call.start``, file by file:
 2. here: the number parsed (``limiter/phone.py``), the scenario's config checked
    (``scenarios``), the human checked (``turnstile.py``), the caller id picked, the client
    address's budget charged (``Limiter.hit_budget``), what the call is for stored
-   (``db/calls.py`` ``put_request``), the number charged (``Limiter.hit``), the call placed over
-   Twilio's REST API (``twilio_rest.py``; charges released if Twilio refuses), then
+   (``db/calls.py`` ``put_request``), the number charged (``Limiter.hit``), a place held under
+   the global cap (``db/calls.py`` ``hold``: the callee who answers is taken), the call placed
+   over Twilio's REST API (``twilio_rest.py``; charges and place released if Twilio refuses), then
    ``on_placed`` (the client answers ``queued`` with a token and follows the call) and the call
    recorded;
 3. Twilio calls the number and fetches ``/twiml?charge=…``: ``calls/admission.py`` takes over.
@@ -114,6 +115,11 @@ async def place(services: Services, request: OutboundRequest, on_placed: Callabl
     if not decision.allowed:
         await limiter.refund(budget_charge)
         return LimitExceeded(decision)
+    # Its place under the global cap, held while it rings: the callee who answers is taken.
+    if not await services.store.hold(reservation):
+        await limiter.refund(reservation)
+        await limiter.refund(budget_charge)
+        return Failed("at_capacity", "too many calls are live right now; try again in a few minutes")
 
     public = settings.public_url
     try:
@@ -123,6 +129,7 @@ async def place(services: Services, request: OutboundRequest, on_placed: Callabl
     except CallRefused as exc:
         await limiter.refund(reservation)  # nothing was placed: the slots come back
         await limiter.refund(budget_charge)
+        await services.store.release_hold(reservation)
         log.info("call.start to %s refused by Twilio: %s %s", phone.masked, exc.status, exc.code)
         return Failed("call_refused", f"Twilio refused the call: {exc.message}")
     except CallOutcomeUnknown as exc:

@@ -6,7 +6,9 @@
   instance, changes nothing, in the database (``sql/calls_status.sql``) and on the bus.
 - Twilio's ``CallStatus`` words map onto ours (``TWILIO_STATUS``).
 - A call that never connected costs nothing: ``busy``, ``no-answer``, ``failed`` and
-  ``canceled`` refund its charge, exactly once (``sql/calls_mark_refunded.sql``).
+  ``canceled`` refund its charge, exactly once (``sql/calls_mark_refunded.sql``), and give
+  back its place under the cap. A final status is final for charging too: a ``busy`` after
+  ``completed`` refunds nothing.
 """
 
 from __future__ import annotations
@@ -61,9 +63,13 @@ async def on_callback(services: Services, call_sid: str, status: str, named_char
     charged under their CallSid."""
     changed = await services.store.set_status(call_sid, status, rank(status), final_rank=FINAL_RANK,
                                               charge_id=named_charge)
-    if changed:
-        services.bus.publish(events.status_changed(call_sid, status))
+    if not changed:
+        return  # a duplicate, or late: the status it would set (and what it would refund) is past
+    services.bus.publish(events.status_changed(call_sid, status))
     if status in REFUND_STATUSES:
+        # It never connected: its place under the cap (if it held one) and its charge come back.
+        if named_charge is not None:
+            await services.store.release_hold(named_charge)
         charge_id = await services.store.claim_refund(call_sid, fallback=named_charge or call_sid)
         if charge_id is not None:
             await services.limiter.refund(charge_id)

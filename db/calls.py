@@ -1,14 +1,20 @@
-"""Call records, call requests and stream-token use, in PostgreSQL (``sql/calls_*.sql``,
-``sql/call_requests_*.sql``, ``sql/stream_token_use.sql``).
+"""Call records, call requests and stream starts, in PostgreSQL (``sql/calls_*.sql``,
+``sql/call_requests_*.sql``, ``sql/instances_*.sql``); the global cap's bookkeeping; and which
+instances are alive.
 
-Every statement is bounded in time (``DATABASE_TIMEOUT``). What each method does when
-PostgreSQL is away is decided here, once, so no caller has to, and a live call never goes
-down with the database:
+Every statement is bounded in time (``LIMITER_TIMEOUT_MS``), through the database gate. What
+each method does when PostgreSQL is away is decided here, once, so no caller has to, and a
+live call never goes down with the database:
 
 =================  ============================================================================
 method             when PostgreSQL is away
 =================  ============================================================================
-``admit``          admitted: the per-number limit still held (the global cap is not checked)
+``admit``          as LIMITER_FAIL_MODE says for the cap: ``memory``, taken if this instance
+                   has room in its share (the cap divided by the instances last seen alive);
+                   ``closed``, refused; ``open``, taken. A call taken is recorded when
+                   PostgreSQL returns (``maintain``), so it counts and can be ended
+``hold``           the same rule as ``admit``; nothing is recorded (a hold is minutes long)
+``release_hold``   nothing: the hold expires with its ring timeout
 ``record``         nothing recorded: the call's status callbacks still refund, by the charge
                    id their signed URL names
 ``put_request``    False: nothing was stored, so the caller must not place the call
@@ -18,7 +24,7 @@ method             when PostgreSQL is away
 ``claim_refund``   the ``fallback`` charge id: the limiter refunds idempotently (and writes
                    back later), so refunding without the record cannot refund twice
 ``get``            None: the call is unknown here
-``spend_token``    single use on this instance only, until the token expires (minutes)
+``start_stream``   the token is single use on this instance only, until it expires (minutes)
 ``cleanup``        0: the next run deletes what this one could not
 =================  ============================================================================
 
@@ -28,12 +34,16 @@ error is a bug and is raised.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import asyncpg
+import orjson
 
 from db.bounded import DatabaseAway, DatabaseGate
 from db.sql import Queries
@@ -41,6 +51,8 @@ from db.sql import Queries
 log = logging.getLogger("callgate.calls")
 
 CALL_RETENTION_DAYS = 30
+HEARTBEAT_S = 4.0    # how often an instance says it is alive
+DEAD_AFTER_S = 15.0  # an instance silent this long is dead: any other ends its calls
 
 # The advisory lock every instance takes to admit a call under the global cap ("CGADMIT").
 ADMISSION_LOCK = 0x4347_4144_4D49_54
@@ -49,12 +61,43 @@ T = TypeVar("T")
 AWAY: Any = object()  # what a statement "returned" when PostgreSQL was away (see _fetchrow)
 
 
+@dataclass(frozen=True)
+class Cap:
+    """The global cap on live calls (RATE_LIMIT_MAX_CONCURRENT_CALLS) and how long a call counts
+    (see sql/migrations/005_admission.sql); ``fail_mode`` decides while PostgreSQL is away."""
+
+    max_live: int
+    session_s: float  # a streaming call: the session limit plus a grace
+    setup_s: float    # admitted, its stream not started yet
+    hold_s: float     # an outbound call's hold: its ring timeout plus a grace
+    fail_mode: str    # LIMITER_FAIL_MODE
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What the store says of a webhook's call: ``state`` new, pending, streaming or ended (see
+    sql/calls_admit.sql); ``admitted``; the stream parameters to answer with."""
+
+    state: str
+    admitted: bool
+    stream_params: dict[str, str]
+
+
 class CallStore:
-    def __init__(self, gate: DatabaseGate, queries: Queries, timeout: float) -> None:
+    def __init__(self, gate: DatabaseGate, queries: Queries, timeout: float, cap: Cap, instance_id: str,
+                 live_here: Callable[[], Collection[str]]) -> None:
+        """``live_here``: the CallSids streaming on this instance now (for its share of the cap
+        while PostgreSQL is away)."""
         self._gate = gate
         self._q = queries
         self._timeout = timeout
-        # Stream tokens spent while PostgreSQL was away, with their expiry (see spend_token).
+        self.cap = cap
+        self.instance_id = instance_id
+        self._live_here = live_here
+        self.instances_alive = 1  # as the last heartbeat counted them
+        # Calls admitted while PostgreSQL was away: CallSid → (record arguments, when), written
+        # back by maintain(); and stream tokens spent meanwhile, with their expiry.
+        self._admitted_away: dict[str, tuple[tuple, float]] = {}
         self._spent_here: dict[str, float] = {}
 
     async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[T]], when_away: T, what: str) -> T:
@@ -69,22 +112,60 @@ class CallStore:
         """The row (or None), or AWAY (logged, with ``what``) when PostgreSQL is away."""
         return await self._run(lambda conn: conn.fetchrow(query, *args), AWAY, what)
 
-    async def admit(self, call_sid: str, charge_id: str | None, direction: str, region: str,
-                    scenario_id: str | None, *, max_live: int, stale_after_s: float) -> bool:
-        """Record a call if fewer than ``max_live`` calls are live across every instance.
-        A call recorded before (a retried webhook) is admitted again."""
-        async def admit(conn: asyncpg.Connection) -> bool:
+    def _locked(self, query: str, *args: Any) -> Callable[[asyncpg.Connection], Awaitable[asyncpg.Record]]:
+        """``query`` in a transaction that holds the admission lock: one admission at a time."""
+        async def work(conn: asyncpg.Connection) -> asyncpg.Record:
             async with conn.transaction():
                 await conn.execute(self._q.calls_admit_lock, ADMISSION_LOCK)
-                row = await conn.fetchrow(self._q.calls_admit, call_sid, charge_id, direction, region,
-                                          scenario_id, max_live, stale_after_s)
-                return bool(row["admitted"])
+                return await conn.fetchrow(query, *args)
+        return work
 
-        return await self._run(admit, True, f"call {call_sid}: admission under the cap (admitted)")
+    # --- the cap ----------------------------------------------------------------------------
+
+    async def admit(self, call_sid: str, charge_id: str, direction: str, region: str, scenario_id: str,
+                    stream_params: dict[str, str]) -> Admission:
+        """The webhook's call: admitted under the cap (or not), or known from before."""
+        c = self.cap
+        row = await self._run(self._locked(self._q.calls_admit, call_sid, charge_id, direction, region, scenario_id,
+                                           c.max_live, c.session_s, c.setup_s, c.hold_s,
+                                           orjson.dumps(stream_params).decode()),
+                              AWAY, f"call {call_sid}: admission under the cap ({c.fail_mode} decides)")
+        if row is not AWAY:
+            return Admission(row["state"], row["admitted"], orjson.loads(row["stream_params"]))
+        if not self._room_while_away():
+            return Admission("new", False, stream_params)
+        self._admitted_away[call_sid] = ((call_sid, charge_id, direction, region, scenario_id, True), time.time())
+        return Admission("new", True, stream_params)
+
+    async def hold(self, reservation_id: str) -> bool:
+        """Hold a place under the cap for an outbound call about to be placed."""
+        c = self.cap
+        row = await self._run(self._locked(self._q.calls_hold, reservation_id, c.max_live, c.session_s,
+                                           c.setup_s, c.hold_s),
+                              AWAY, f"call request {reservation_id}: a place under the cap ({c.fail_mode} decides)")
+        return self._room_while_away() if row is AWAY else bool(row["held"])
+
+    async def release_hold(self, reservation_id: str) -> None:
+        await self._fetchrow(self._q.calls_release_hold, reservation_id,
+                             what=f"call request {reservation_id}: release its place (it expires)")
+
+    def _room_while_away(self) -> bool:
+        """LIMITER_FAIL_MODE, for the cap: memory takes a call while this instance is under its
+        share (the cap divided among the instances last seen alive); closed never; open always."""
+        if self.cap.fail_mode == "open":
+            return True
+        if self.cap.fail_mode == "closed":
+            return False
+        live = set(self._live_here())
+        recent = time.time() - self.cap.setup_s
+        starting = sum(1 for sid, (_, at) in self._admitted_away.items() if at > recent and sid not in live)
+        return len(live) + starting < math.ceil(self.cap.max_live / max(self.instances_alive, 1))
+
+    # --- records ----------------------------------------------------------------------------
 
     async def record(self, call_sid: str, charge_id: str, direction: str, region: str, scenario_id: str) -> None:
         """Record a call we placed, before Twilio reports on it."""
-        await self._fetchrow(self._q.calls_record, call_sid, charge_id, direction, region, scenario_id,
+        await self._fetchrow(self._q.calls_record, call_sid, charge_id, direction, region, scenario_id, False,
                              what=f"call {call_sid}: record")
 
     async def put_request(self, request_id: str, scenario_id: str, config_json: str, voice: str) -> bool:
@@ -124,12 +205,14 @@ class CallStore:
         row = await self._fetchrow(self._q.calls_get, call_sid, what=f"call {call_sid}: read")
         return None if row is AWAY or row is None else dict(row)
 
-    async def spend_token(self, jti: str, expires: float) -> bool:
-        """True the first time a stream token is used, on any instance (while PostgreSQL is
-        away: on this instance; the token expires within minutes anyway)."""
-        row = await self._fetchrow(self._q.stream_token_use, jti, what="stream token: single use on this instance only")
+    async def start_stream(self, jti: str, call_sid: str, expires: float) -> bool:
+        """True for the first stream of a call, with a token used for the first time; the call is
+        then marked streaming on this instance. False for a token spent before, or a call that
+        has had its stream (or has ended): one CallSid gets one media stream, ever."""
+        row = await self._fetchrow(self._q.calls_stream_start, jti, call_sid, self.instance_id,
+                                   what=f"call {call_sid}: stream start (token single use on this instance only)")
         if row is not AWAY:
-            return bool(row["first"])
+            return bool(row["first_use"]) and (bool(row["started"]) or not row["known"])
         now = time.time()
         for old in [j for j, until in self._spent_here.items() if until < now]:
             del self._spent_here[old]
@@ -137,6 +220,37 @@ class CallStore:
             return False
         self._spent_here[jti] = expires
         return True
+
+    # --- upkeep -----------------------------------------------------------------------------
+
+    async def maintain(self, on_reaped: Callable[[str], None], final_rank: int) -> None:
+        """Background duty until cancelled: say this instance is alive, end dead instances'
+        calls (``on_reaped`` tells followers), and write back what was admitted while
+        PostgreSQL was away."""
+        while True:
+            if self._admitted_away and self._gate.up:
+                await self._write_back()
+            alive = await self._fetchrow(self._q.instances_heartbeat, self.instance_id, DEAD_AFTER_S,
+                                         what="instance heartbeat")
+            if alive is not AWAY:
+                self.instances_alive = int(alive["alive"])
+                reaped = await self._run(lambda conn: conn.fetch(self._q.instances_reap, DEAD_AFTER_S, final_rank),
+                                         [], "ending dead instances' calls")
+                for row in reaped:
+                    log.warning("call %s: its instance stopped answering; ended (instance_lost)", row["call_sid"])
+                    on_reaped(row["call_sid"])
+            await asyncio.sleep(HEARTBEAT_S)
+
+    async def _write_back(self) -> None:
+        for call_sid, (args, _) in list(self._admitted_away.items()):
+            if await self._fetchrow(self._q.calls_record, *args, what=f"call {call_sid}: write back") is AWAY:
+                return
+            del self._admitted_away[call_sid]
+            log.info("call %s: admitted while PostgreSQL was away; recorded now", call_sid)
+
+    async def leave(self) -> None:
+        """This instance stops: it is no longer counted alive."""
+        await self._fetchrow(self._q.instances_leave, self.instance_id, what="instance leave")
 
     async def cleanup(self, retention_days: int = CALL_RETENTION_DAYS, batch: int = 1000) -> int:
         """Delete spent tokens, stale call requests and old call records; returns how many."""

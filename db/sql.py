@@ -33,11 +33,17 @@ class Queries:
     calls_cleanup: str
     calls_end_reason: str
     calls_get: str
+    calls_hold: str
     calls_mark_refunded: str
     calls_record: str
+    calls_release_hold: str
     calls_status: str
+    calls_stream_start: str
     database_ping: str
     events_notify: str
+    instances_heartbeat: str
+    instances_leave: str
+    instances_reap: str
     limiter_cleanup: str
     limiter_hit: str
     limiter_refund: str
@@ -46,7 +52,6 @@ class Queries:
     limiter_rekey_charges: str
     limiter_reset: str
     limiter_status: str
-    stream_token_use: str
 
     @classmethod
     def load(cls, directory: Path = SQL_DIR) -> Queries:

@@ -93,7 +93,8 @@ def check_signature(request: web.Request, url: str, params: Mapping[str, str]) -
 def _render(result: admission.Connect | admission.Refuse, public_url: str) -> web.Response:
     response = VoiceResponse()
     if isinstance(result, admission.Refuse):
-        response.say(result.say)
+        if result.say:
+            response.say(result.say)
         response.hangup()
     else:
         connect = ConnectVerb()
@@ -122,6 +123,8 @@ async def twiml(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text="CallSid is missing or malformed")
     named = _charge_named(request)
     direction = fields.get("Direction", "inbound")
+    if direction not in admission.DIRECTIONS:
+        raise web.HTTPBadRequest(text="Direction is not one of Twilio's")
     call = admission.WebhookCall(
         call_sid=call_sid, direction=direction, number=fields.get("To" if direction == "outbound-api" else "From", ""),
         charge_id=named or call_sid, placed_by_us=named is not None, query=request.query)

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import inspect
 import random
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from appkeys import BUS
 from bridge.events import Event, EventBus
 from config import Settings
 from db.bounded import DatabaseGate
+from db.calls import CallStore, Cap
 from db.migrate import migrate
 from db.sql import Queries
 from limiter.limiter import Limiter, Regions
@@ -213,6 +214,14 @@ def gate_for(pool) -> DatabaseGate:
     gate = DatabaseGate(pool, Queries.load().database_ping, migrate, TEST_DB_TIMEOUT_MS / 1000)
     gate.up = gate.migrated = True
     return gate
+
+
+def make_store(pool, *, timeout: float = TEST_DB_TIMEOUT_MS / 1000, max_live: int = 10, fail_mode: str = "memory",
+               instance_id: str = "test-instance", live_here: Callable[[], Collection[str]] = tuple) -> CallStore:
+    """A call store over ``pool``, with a cap of ``max_live`` (sessions count 420 s, setups and
+    holds 60 s)."""
+    return CallStore(gate_for(pool), Queries.load(), timeout, Cap(max_live, 420.0, 60.0, 60.0, fail_mode),
+                     instance_id, live_here)
 
 
 def make_limiter(pool, *, max_calls: int = 2, window_ms: int = 3_600_000, cooldown_ms: int = 0,

@@ -54,7 +54,7 @@ async def test_a_browser_follows_a_call_on_another_instance(dsn):
 
 def test_big_batches_are_split_under_the_notify_limit():
     """Events are packed into NOTIFY payloads under PostgreSQL's limit; long texts are cut."""
-    fanout = PgFanout("postgresql://unused", None, Queries.load(), EventBus(status.rank))
+    fanout = PgFanout("postgresql://unused", None, Queries.load(), EventBus(status.rank), "test-instance")
     hindi = "नमस्ते, आपका कॉल कैसा रहा? " * 200  # 3 bytes a character in UTF-8
     batch = [events.transcript_done("CA1", f"item_{i}", "assistant", hindi if i % 2 else "x" * 5000)
              for i in range(6)]

@@ -1,5 +1,6 @@
-"""db/calls.py: the call store, and what each of its methods does while PostgreSQL is away
-(the table in its docstring), against a real PostgreSQL behind a proxy that cuts it off."""
+"""db/calls.py: the call store, the global cap's bookkeeping (admissions, holds, streams,
+replays, dead instances), and what each method does while PostgreSQL is away (the table in
+its docstring), against a real PostgreSQL, behind a proxy that can cut it off."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import time
 
 import pytest
 
-from db.calls import CallStore
+from db.calls import DEAD_AFTER_S
 from db.database import create_pool
-from db.sql import Queries
-from helpers import gate_for, proxied
+from helpers import make_store, proxied
+
+PARAMS = {"scenarioId": "job-interview", "voice": "marin", "token": "t1"}
 
 
 @pytest.fixture
@@ -19,9 +21,13 @@ async def store_and_proxy(dsn):
     async with proxied(dsn) as proxy:
         pool = await create_pool(proxy.dsn, 2, client_timeout_ms=300)
         try:
-            yield CallStore(gate_for(pool), Queries.load(), timeout=0.3), proxy
+            yield make_store(pool, timeout=0.3, max_live=2), proxy
         finally:
             pool.terminate()
+
+
+async def admit(store, call_sid: str, charge_id: str | None = None, params=PARAMS):
+    return await store.admit(call_sid, charge_id or call_sid, "inbound", "US", "job-interview", params)
 
 
 async def test_every_method_answers_as_documented_while_the_database_is_away(store_and_proxy, caplog):
@@ -32,7 +38,9 @@ async def test_every_method_answers_as_documented_while_the_database_is_away(sto
     caplog.set_level(logging.WARNING, logger="callgate.calls")
     started = time.monotonic()
     answers = {
-        "admit": await store.admit("CA1", "CA1", "inbound", "US", "job-interview", max_live=1, stale_after_s=60),
+        "admit": (await admit(store, "CA1")).admitted,
+        "hold": await store.hold("RS2"),
+        "release_hold": await store.release_hold("RS2"),
         "record": await store.record("CA1", "RS1", "outbound-api", "US", "job-interview"),
         "put_request": await store.put_request("RS1", "job-interview", "{}", "marin"),
         "get_request": await store.get_request("RS1"),
@@ -43,28 +51,93 @@ async def test_every_method_answers_as_documented_while_the_database_is_away(sto
         "cleanup": await store.cleanup(),
     }
     elapsed = time.monotonic() - started
-    assert answers == {"admit": True, "record": None, "put_request": False, "get_request": None,
-                       "set_status": True, "set_end_reason": True, "claim_refund": "RS1", "get": None,
-                       "cleanup": 0}
-    assert elapsed < 9 * 1.0  # each bounded by its timeout (0.3 s), with room for a slow machine
-    assert len([r for r in caplog.records if "database is unavailable" in r.getMessage()]) == 9
+    assert answers == {"admit": True, "hold": True, "release_hold": None, "record": None, "put_request": False,
+                       "get_request": None, "set_status": True, "set_end_reason": True, "claim_refund": "RS1",
+                       "get": None, "cleanup": 0}
+    assert elapsed < 11 * 1.0  # each bounded by its timeout (0.3 s), and after the first, at once
+    assert len([r for r in caplog.records if "database is unavailable" in r.getMessage()]) == 11
+
+
+@pytest.mark.parametrize(("fail_mode", "taken"), [("memory", [True, True, False]), ("closed", [False] * 3),
+                                                  ("open", [True] * 3)])
+async def test_while_away_the_cap_is_decided_by_the_fail_mode(dsn, fail_mode, taken):
+    """PostgreSQL away: memory takes calls up to this instance's share of the cap (2 of 2, one
+    instance alive), closed none, open all; and the calls taken are recorded once it returns."""
+    async with proxied(dsn) as proxy:
+        pool = await create_pool(proxy.dsn, 2, client_timeout_ms=300)
+        try:
+            store = make_store(pool, timeout=0.3, max_live=2, fail_mode=fail_mode)
+            proxy.cut()
+            answers = [(await admit(store, f"CA{i}")).admitted for i in range(3)]
+            proxy.restore()
+            assert await store._gate.probe()
+            await store._write_back()
+            recorded = await pool.fetchval("SELECT count(*) FROM calls WHERE admitted_at IS NOT NULL")
+        finally:
+            pool.terminate()
+    assert answers == taken
+    assert recorded == sum(taken)
+
+
+async def test_a_retried_webhook_gets_the_same_answer_and_a_replay_gets_none(pool):
+    """A retry of a webhook whose stream has not started gets the first answer (the same
+    token); once the call has its stream, or has ended, a replay is not admitted."""
+    store = make_store(pool, max_live=5)
+    first = await admit(store, "CA1")
+    retry = await admit(store, "CA1", params={**PARAMS, "token": "t2"})
+    assert (first.state, first.admitted, retry.state, retry.admitted) == ("new", True, "pending", True)
+    assert retry.stream_params == PARAMS
+    assert await store.start_stream("jti-1", "CA1", time.time() + 60) is True
+    assert await store.start_stream("jti-2", "CA1", time.time() + 60) is False  # one stream, ever
+    assert (await admit(store, "CA1")).state == "streaming"
+    await store.set_status("CA1", "ended", 100, final_rank=100)
+    replay = await admit(store, "CA1")
+    assert (replay.state, replay.admitted) == ("ended", False)
+
+
+async def test_holds_count_under_the_cap_until_answered_released_or_expired(pool):
+    """An outbound call's hold takes a place: past the cap nothing more is held or admitted;
+    the held call's own webhook is taken even at the cap; a released hold frees its place."""
+    store = make_store(pool, max_live=2)
+    assert await store.hold("RS1") and await store.hold("RS2")
+    assert not await store.hold("RS3")
+    assert not (await admit(store, "CA9")).admitted  # an inbound caller meets a full cap
+    assert (await admit(store, "CA1", charge_id="RS1")).admitted  # RS1's callee answered
+    await store.release_hold("RS2")  # RS2 was busy
+    assert await store.hold("RS3")
+    live = await pool.fetchval("SELECT callgate_live_calls(NULL, NULL, 420, 60, 60)")
+    assert live == 2  # CA1 and RS3
+
+
+async def test_a_dead_instances_calls_are_ended_by_another(pool):
+    """An instance that stops saying it is alive has its streaming calls ended (instance_lost)
+    by the next instance's upkeep; a live instance's calls are left alone."""
+    alive, dead = make_store(pool, instance_id="alive"), make_store(pool, instance_id="dead")
+    for store, call in ((alive, "CA1"), (dead, "CA2")):
+        await admit(store, call)
+        assert await store.start_stream(f"jti-{call}", call, time.time() + 60)
+    await pool.execute("INSERT INTO instances (instance_id, seen_at) VALUES ('alive', now()), "
+                       "('dead', now() - make_interval(secs => $1))", DEAD_AFTER_S + 1)
+    reaped = [r["call_sid"] for r in await pool.fetch(alive._q.instances_reap, DEAD_AFTER_S, 100)]
+    rows = {r["call_sid"]: (r["status"], r["end_reason"]) for r in await pool.fetch("SELECT * FROM calls")}
+    assert reaped == ["CA2"]
+    assert rows == {"CA1": ("queued", None), "CA2": ("ended", "instance_lost")}
 
 
 async def test_a_stream_token_is_single_use_on_this_instance_while_away(store_and_proxy):
-    """While PostgreSQL is away a token can still be spent once (on this instance), not twice."""
+    """While PostgreSQL is away a token can still be used once (on this instance), not twice."""
     store, proxy = store_and_proxy
     proxy.cut()
     expires = time.time() + 60
-    assert await store.spend_token("jti-1", expires) is True
-    assert await store.spend_token("jti-1", expires) is False
-    assert await store.spend_token("jti-2", expires) is True
+    assert await store.start_stream("jti-1", "CA1", expires) is True
+    assert await store.start_stream("jti-1", "CA1", expires) is False
+    assert await store.start_stream("jti-2", "CA2", expires) is True
 
 
 async def test_with_the_database_there_records_and_refunds_happen_once(store_and_proxy):
-    """The same calls with PostgreSQL there: a call is recorded, moves forward only, and its
-    charge is claimed for a refund exactly once."""
+    """A call is recorded, moves forward only, and its charge is claimed for a refund once."""
     store, _ = store_and_proxy
-    assert await store.admit("CA2", "CA2", "inbound", "US", "job-interview", max_live=5, stale_after_s=60)
+    assert (await admit(store, "CA2")).admitted
     assert await store.set_status("CA2", "connected", 30, final_rank=100) is True
     assert await store.set_status("CA2", "ringing", 10, final_rank=100) is False
     assert await store.claim_refund("CA2", fallback="unused") == "CA2"

@@ -97,10 +97,9 @@ async def test_migrating_through_the_pool_waits_out_another_instance(dsn):
 
 async def test_calls_cleanup_forgets_only_what_is_old(pool):
     """Spent tokens and call requests go after a day, call records after their retention."""
-    from db.calls import CallStore
-    from helpers import gate_for
+    from helpers import make_store
 
-    store = CallStore(gate_for(pool), Queries.load(), timeout=2.0)
+    store = make_store(pool)
     await pool.execute("INSERT INTO stream_tokens_used (jti, used_at) VALUES ('old', now() - interval '2 days'), ('new', now())")
     await pool.execute("INSERT INTO call_requests (reservation_id, scenario_id, config, voice, created_at) VALUES "
                        "('RSold', 'x', '{}', 'v', now() - interval '2 days'), ('RSnew', 'x', '{}', 'v', now())")

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from appkeys import CALL_STORE, FRONTEND, LIMITER, TOKEN_SECRET
 from bridge import events, tokens
-from helpers import PUBLIC_URL, callgate, wait_until
+from helpers import PUBLIC_URL, callgate, sign, wait_until
 from tools.fake_realtime import FakeRealtime
 from tools.simulate_call import SimulatedCall
 
@@ -458,3 +458,32 @@ async def test_attempts_that_place_nothing_cost_no_budget(dsn, session):
         h.twilio_api.fail_next(400, {"code": 21211, "message": "Invalid 'To' Phone Number", "status": 400})
         assert (await place(client, number="+14155550124"))[0]["code"] == "call_refused"
         assert (await place(client, number="+14155550125"))[0]["status"] == "queued"
+
+
+async def test_outbound_calls_hold_a_place_under_the_cap_while_they_ring(dsn, session):
+    """call.start holds a place before placing: at the cap it places nothing (at_capacity); a
+    busy callback gives its place back; and a held call's own webhook is taken even when
+    inbound callers have filled the rest of the cap."""
+    async with callgate(dsn, RATE_LIMIT_MAX_CONCURRENT_CALLS="2", RATE_LIMIT_PHONE_MAX_CALLS="10", **TWILIO_ENV) as h:
+        client = await open_frontend(session, h)
+        first, = await place(client, number="+14155550201")
+        second, = await place(client, number="+14155550202")
+        third, = await place(client, number="+14155550203")
+        assert (first["status"], second["status"], third["code"]) == ("queued", "queued", "at_capacity")
+        assert len([r for r in h.twilio_api.requests if r.path.endswith("/Calls.json")]) == 2
+        # The first callee is busy: its place comes back.
+        create = next(r for r in h.twilio_api.requests if r.path.endswith("/Calls.json"))
+        callback = create.value("StatusCallback").removeprefix(PUBLIC_URL)
+        form = {"CallSid": first["callSid"], "CallStatus": "busy", "Direction": "outbound-api"}
+        async with session.post(h.url + callback, data=form,
+                                headers={"X-Twilio-Signature": sign(PUBLIC_URL + callback, form)}) as resp:
+            assert resp.status == 204
+        # An inbound caller takes that place; the second callee, answering now, is still taken.
+        inbound = h.call(audio=b"", from_="+14155550299")
+        assert (await inbound.webhook()).stream_url
+        creates = [r for r in h.twilio_api.requests if r.path.endswith("/Calls.json")]
+        url = creates[1].value("Url").removeprefix(PUBLIC_URL)
+        answered = h.call(audio=b"", call_sid=second["callSid"], direction="outbound-api", to="+14155550202")
+        assert (await answered.webhook(path=url)).stream_url
+        late = h.call(audio=b"", from_="+14155550298")
+        assert (await late.webhook()).stream_url is None  # now the cap is really full

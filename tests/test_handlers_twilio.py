@@ -303,3 +303,48 @@ async def test_signature_refusals_cannot_flood_the_log(dsn, caplog):
                 statuses.append(resp.status)
     assert statuses == [403] * 50
     assert len([r for r in caplog.records if r.name == "callgate.refused"]) == 1
+
+
+async def status_post(h, call_sid: str, value: str, query: str = "") -> int:
+    form = dict(FORM, CallSid=call_sid, CallStatus=value)
+    path = "/twilio/status" + query
+    return (await post(h, path, form, sign(PUBLIC_URL + path, form))).status
+
+
+async def test_a_replayed_webhook_opens_nothing_and_a_retry_gets_the_same_answer(dsn):
+    """Signatures carry no time, so a captured webhook can be replayed: while the call's stream
+    has not started, a retry gets the same answer (the same token, one stream); once it has
+    its stream or has ended, a replay hears a hang-up and opens no stream or model session.
+    The cap and the number's charges are untouched."""
+    async with FakeRealtime() as model, callgate(dsn, model=model, RATE_LIMIT_MAX_CONCURRENT_CALLS="5") as h:
+        call = h.call(audio=b"", from_="+14155550177")
+        answers = [await call.webhook() for _ in range(10)]
+        assert len({a.parameters["token"] for a in answers}) == 1 and all(a.stream_url for a in answers)
+        await call.connect()
+        await model.wait_for_session()
+        while_streaming = await call.webhook()
+        await call.stop()
+        await call.wait_closed()
+        assert await status_post(h, call.call_sid, "completed") == 204
+        replays = [await call.webhook() for _ in range(8)]
+        for replay in replays:  # each one's stream, if it had one, would need a fresh token
+            assert replay.stream_url is None and replay.hangup and not replay.say
+        remaining = (await h.app[LIMITER].test("+14155550177")).remaining
+    assert while_streaming.stream_url is None and while_streaming.hangup
+    assert model.connections == 1 and remaining == 1
+
+
+async def test_a_late_busy_after_completed_refunds_nothing(dsn):
+    """A call that connected and completed stays charged when a late busy arrives: a final
+    status is final for charging too."""
+    async with FakeRealtime() as model, callgate(dsn, model=model) as h:
+        call = h.call(audio=b"", from_="+14155550188")
+        await call.webhook()
+        await call.connect()
+        await model.wait_for_session()
+        await call.stop()
+        await call.wait_closed()
+        assert [await status_post(h, call.call_sid, s) for s in ("completed", "busy")] == [204, 204]
+        record = await h.app[CALL_STORE].get(call.call_sid)
+        remaining = (await h.app[LIMITER].test("+14155550188")).remaining
+    assert remaining == 1 and not record["refunded"]

@@ -11,7 +11,7 @@ import collections
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -34,9 +34,10 @@ class Lifecycle:
 
 @dataclass
 class FrontendState:
-    """Who is connected on /logs: open sockets per client address, every socket (for the
-    shutdown), and work started by clients that outlives them (placing a call, hanging up)."""
+    """Who is connected on /logs: open sockets per client address, every socket with its client
+    (for the shutdown), and work started by clients that outlives them (placing a call,
+    hanging up)."""
 
     per_ip: collections.Counter = field(default_factory=collections.Counter)
-    sockets: set[web.WebSocketResponse] = field(default_factory=set)
+    sockets: dict[web.WebSocketResponse, Any] = field(default_factory=dict)  # → handlers.frontend.Client
     background: set[asyncio.Task] = field(default_factory=set)

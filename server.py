@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson
-from aiohttp import WSCloseCode, web
+from aiohttp import web
 
 import logsetup
 from appkeys import (
@@ -72,6 +72,7 @@ from twilio_rest import TwilioRest
 log = logging.getLogger("callgate")
 
 WRAP_UP_S = 20.0  # the agent is asked to wrap up this long before the session limit
+FLUSH_S = 2.0     # at the end of a drain, the longest wait for a browser to be sent what it is owed
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -239,14 +240,13 @@ async def tidy_calls(store: CallStore, every: float = 300.0) -> None:
 async def drain(app: web.Application, timeout: float) -> None:
     """Shutdown, first step, with the listener still open: /healthz answers 503 and new calls
     are refused with TwiML, while live calls keep relaying until they end or ``timeout``
-    passes; then those left are ended (and hung up over REST) and awaited."""
+    passes; then those left are ended (and hung up over REST) and awaited. Browsers stay
+    connected (and may reconnect here) until the calls end, so they see each call's end;
+    then they are told to go elsewhere (1001): left open, they would hold the shutdown until
+    its timeout and then see 1006."""
     lifecycle = app[LIFECYCLE]
     calls = lifecycle.calls
     lifecycle.draining = True
-    # Browsers reconnect elsewhere at once on GOING_AWAY (1001); left open, they would hold
-    # shutdown until its timeout and then see 1006.
-    for ws in list(app[FRONTEND].sockets):
-        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
     loop = asyncio.get_running_loop()
     if calls:
         log.info("draining: %d live call(s), up to %.0f s", len(calls), timeout)
@@ -262,6 +262,8 @@ async def drain(app: web.Application, timeout: float) -> None:
     background = list(app[FRONTEND].background)
     if background:
         await asyncio.wait(background, timeout=max(ending - loop.time(), 1))
+    clients = list(app[FRONTEND].sockets.values())
+    await asyncio.gather(*(client.close(timeout=FLUSH_S) for client in clients), return_exceptions=True)
 
 
 async def serve(settings: Settings, host: str) -> None:

@@ -12,6 +12,7 @@ with ADMIN_TOKEN).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -20,7 +21,7 @@ import time
 from typing import Any
 
 import orjson
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from appkeys import BUS, CALL_STORE, FRONTEND, LIFECYCLE, LIMITER, METRICS, REFUSALS, SERVICES, SETTINGS, TOKEN_SECRET
 from bridge import events, tokens
@@ -71,8 +72,6 @@ async def logs(request: web.Request) -> web.StreamResponse:
     ip = client_ip(request)
     if not origin_allowed(request):
         raise _refuse(request, "origin", ip, web.HTTPForbidden, "origin not allowed: add it to ALLOWED_ORIGINS")
-    if app[LIFECYCLE].draining:
-        raise _refuse(request, "draining", ip, web.HTTPServiceUnavailable, "shutting down: connect again in a moment")
     state = app[FRONTEND]
     if state.per_ip[ip] >= app[SETTINGS].max_connections_per_ip:
         raise _refuse(request, "per_ip_cap", ip, web.HTTPForbidden,
@@ -84,13 +83,12 @@ async def logs(request: web.Request) -> web.StreamResponse:
     client = Client(app, ws, ip, request.transport)
     try:
         await ws.prepare(request)
-        state.sockets.add(ws)
+        state.sockets[ws] = client
         app[METRICS].open_sockets.labels("frontend").inc()
         log.info("frontend client %s connected (%d from this address)", client.id, state.per_ip[ip])
         await client.run()
     finally:
-        if ws in state.sockets:
-            state.sockets.discard(ws)
+        if state.sockets.pop(ws, None) is not None:
             app[METRICS].open_sockets.labels("frontend").dec()
         state.per_ip[ip] -= 1
         if state.per_ip[ip] <= 0:
@@ -186,6 +184,17 @@ class Client:
                 return
             except ConnectionResetError:
                 return
+            finally:
+                self.outbox.task_done()
+
+    async def close(self, timeout: float) -> None:
+        """Send what is queued (within ``timeout``), then close with GOING_AWAY (1001): a browser
+        reconnects elsewhere at once, having seen the end of the calls it followed."""
+        if not self.gone:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self.outbox.join()
+        await self.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
 
     def _drop(self, why: str) -> None:
         if self.gone:

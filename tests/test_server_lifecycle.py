@@ -16,7 +16,8 @@ import aiohttp
 import asyncpg
 from aiohttp import web
 
-from appkeys import BUS, LIFECYCLE
+from appkeys import BUS, LIFECYCLE, TOKEN_SECRET
+from bridge import tokens
 from db.sql import migrations
 from helpers import (
     AUTH_TOKEN,
@@ -88,6 +89,34 @@ async def test_draining_keeps_live_calls_and_refuses_new_ones(dsn):
         await live.stop()
         await asyncio.wait_for(draining, timeout=5)  # done as soon as the last call ended
         assert app[LIFECYCLE].calls == {}
+
+
+async def test_browsers_following_a_draining_call_see_it_end_then_are_sent_away(dsn):
+    """SIGTERM does not cut browsers off: one following a live call keeps its socket through
+    the drain, and one that reconnects meanwhile may follow the call still draining here;
+    both get the call's end, then a GOING_AWAY close (1001). call.start is refused."""
+    async with serving_a_call(dsn) as (app, url, _, live, session), aiohttp.ClientSession() as http:
+        token = tokens.subscription_token(app[TOKEN_SECRET], live.call_sid)
+        subscribe = {"type": "call.subscribe", "callSid": live.call_sid, "token": token}
+        before = await http.ws_connect(url + "/logs")
+        await before.send_json(subscribe)
+        assert (await before.receive_json(timeout=5))["status"] == "connected"
+        draining = asyncio.create_task(drain(app, timeout=30))
+        await wait_until(lambda: app[LIFECYCLE].draining, what="the drain to begin")
+        during = await http.ws_connect(url + "/logs")  # a browser reconnecting mid-drain
+        await during.send_json(subscribe)
+        assert (await during.receive_json(timeout=5))["status"] == "connected"
+        await during.send_json({"type": "call.start", "phoneNumber": "+14155550123", "scenarioId": "job-interview",
+                                "config": {"jobTitle": "Chef", "company": "Bistro"}})
+        assert (await during.receive_json(timeout=5))["code"] == "unavailable"
+        await live.stop()
+        for ws in (before, during):
+            while (ended := await ws.receive_json(timeout=5))["type"] != "call.status_changed":
+                pass  # the call's transcript, as it happened
+            assert (ended["status"], ended["callSid"]) == ("ended", live.call_sid)
+            closing = await ws.receive(timeout=5)
+            assert closing.type == aiohttp.WSMsgType.CLOSE and closing.data == 1001
+        await asyncio.wait_for(draining, timeout=5)
 
 
 async def test_calls_left_at_the_deadline_are_ended_and_hung_up(dsn):

@@ -229,6 +229,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("TWILIO_REST_TIMEOUT_MS", "10000", "longest wait for one Twilio REST request, ms", _int(100, 60_000), "twilio_rest_timeout_ms"),
     Variable("TWILIO_API_BASE_URL", "https://api.twilio.com", "Twilio REST base URL", _url("http", "https"), "twilio_api_base_url"),
     Variable("CALLGATE_ENV", "development", "development or production (missing secrets are fatal)", _choice("development", "production"), "env"),
+    Variable("TRUST_FLY_CLIENT_IP", "auto", "take the client's address from Fly-Client-IP: yes, no, or auto (yes on a Fly.io machine, where FLY_APP_NAME is set; anyone can send the header elsewhere)", _choice("auto", "yes", "no"), "trust_fly_client_ip"),
+    Variable("FLY_APP_NAME", None, "set by Fly.io on its machines (read, never needed by hand)", _text, "fly_app_name"),
     Variable("ADMIN_TOKEN", None, "bearer token for admin routes and the all-calls monitor", _secret, "admin_token", True),
     Variable("LOG_FORMAT", "text", "text, or json for one JSON object per line", _choice("text", "json"), "log_format"),
     Variable("LOG_LEVEL", "info", "debug, info, warning or error", _choice("debug", "info", "warning", "error"), "log_level"),
@@ -278,6 +280,8 @@ class Settings:
     twilio_rest_timeout_ms: int
     twilio_api_base_url: str
     env: str
+    trust_fly_client_ip: str
+    fly_app_name: str | None
     admin_token: Secret | None
     log_format: str
     log_level: str
@@ -287,6 +291,11 @@ class Settings:
     @property
     def production(self) -> bool:
         return self.env == "production"
+
+    @property
+    def trusts_fly_client_ip(self) -> bool:
+        """Fly-Client-IP is the client's address only behind Fly's proxy, which sets it."""
+        return self.trust_fly_client_ip == "yes" or (self.trust_fly_client_ip == "auto" and bool(self.fly_app_name))
 
     @property
     def dsn(self) -> Secret | None:

@@ -55,6 +55,10 @@ class Metrics:
         self.frontend_refused = Counter(
             "callgate_frontend_refused_total", "/logs upgrades refused, by reason (origin, per_ip_cap, draining)",
             ["reason"], registry=self.registry)
+        self.frames_rejected = Counter(
+            "callgate_stream_frames_rejected_total",
+            "Frames from Twilio's side dropped unrelayed, by reason (malformed, binary, too_fast)",
+            ["reason"], registry=self.registry)
         self.response_failures = Counter(
             "callgate_model_response_failures_total",
             "Model responses that failed or were cut short, by status (failed, incomplete) and code or reason",

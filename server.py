@@ -223,6 +223,7 @@ def call_services(settings: Settings, app: web.Application) -> CallServices:
         ready_timeout_s=settings.model_ready_timeout_ms / 1000,
         observe_frame=app[METRICS].frame_observer(),
         count_response_failure=app[METRICS].count_response_failure,
+        count_rejected_frame=lambda reason: app[METRICS].frames_rejected.labels(reason).inc(),
     )
 
 

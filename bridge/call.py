@@ -36,6 +36,7 @@ from bridge import events, functions, mulaw, realtime, twilio
 from bridge.realtime_client import ModelConnection, ModelConnector, ModelError
 from bridge.responses import ASK_PREFIX, ITEM_EVENT_PREFIX, MAX_SENDS, Asker, Outcome
 from config import CLOSE_TIMEOUT_S
+from ratelimits import Bucket
 from scenarios import Scenario
 
 log = logging.getLogger("callgate.call")
@@ -58,6 +59,8 @@ FILTERED_MESSAGE = ("Your last reply was stopped by the content filter. Apologis
 RESPONSE_RETRY_DELAYS_S = (0.5, 2.0)
 MAX_FILTERED_RESPONSES = 3  # content-filtered replies in one call before it is ended
 MAX_DTMF_BEFORE_READY = 20  # keypresses kept while the model opens
+# Twilio sends 50 media frames a second; a stream sending far more is not a phone line.
+MAX_MEDIA_PER_S, MAX_MEDIA_BURST = 100, 500
 # What the caller hears before a call the model cannot carry is hung up.
 APOLOGY = (Path(__file__).parent / "assets" / "model_failed.ulaw").read_bytes()
 APOLOGY_REASONS = frozenset({"model_failed", "model_unavailable", "content_filter"})
@@ -93,6 +96,8 @@ class CallServices:
     observe_frame: Callable[[str, float], None] = lambda direction, seconds: None
     # (status, code or reason) of each failed or incomplete response, for /metrics
     count_response_failure: Callable[[str, str | None], None] = lambda status, code: None
+    # why a frame from Twilio's side was dropped (malformed, binary, too_fast), for /metrics
+    count_rejected_frame: Callable[[str], None] = lambda reason: None
 
 
 @dataclass
@@ -130,6 +135,7 @@ class Call:
         self._cut_off = False                 # the last response ran out of output tokens
         self._gave_up = False                 # the model cannot carry the call: end it
         self._dtmf_before_ready: list[str] = []
+        self._rejected: set[str] = set()  # reasons for dropped Twilio frames, logged once each
         self._aux_tasks: set[asyncio.Task] = set()
         # When we began waiting for the model to start a response (None: not waiting).
         self._awaiting_response: float | None = None
@@ -253,20 +259,25 @@ class Call:
 
     async def _read_twilio(self) -> None:
         observe = self._services.observe_frame
+        media_budget = Bucket(MAX_MEDIA_PER_S, MAX_MEDIA_BURST)
         async for msg in self.twilio_ws:
-            self._last_frame = time.monotonic()  # the watchdog notices a leg gone quiet
+            self._last_frame = now = time.monotonic()  # the watchdog notices a leg gone quiet
             started = time.perf_counter()
             if msg.type != WSMsgType.TEXT:
                 if msg.type == WSMsgType.BINARY:
-                    log.warning("call %s: binary frame from Twilio ignored", self.call_sid)
+                    self._reject("binary", "a binary frame")
                 continue
             try:
                 event = twilio.parse(msg.data)
             except twilio.ProtocolError as exc:
-                log.warning("call %s: bad Twilio frame: %s", self.call_sid, exc)
+                self._reject("malformed", f"a malformed frame ({exc})")
                 continue
             if isinstance(event, twilio.Media):
                 if not realtime.is_base64(event.payload):
+                    self._reject("malformed", "a media payload that is not base64")
+                    continue
+                if not media_budget.take(now):
+                    self._reject("too_fast", f"media faster than {MAX_MEDIA_PER_S} frames a second")
                     continue
                 if self._ready:
                     self._in_model_send = True
@@ -289,6 +300,14 @@ class Call:
                 self._set_reason("caller_hangup")
                 return
         self._set_reason("stream_closed")
+
+    def _reject(self, reason: str, what: str) -> None:
+        """A frame from Twilio's side that is not relayed: counted (/metrics), and logged once
+        per call and reason (a stream that sends garbage must not flood the log)."""
+        self._services.count_rejected_frame(reason)
+        if reason not in self._rejected:
+            self._rejected.add(reason)
+            log.warning("call %s: %s from the stream, dropped (and any more like it)", self.call_sid, what)
 
     def _on_mark(self, name: str) -> None:
         entry = self._playout.outstanding.pop(name, None)

@@ -1,4 +1,5 @@
-"""Admin routes: bearer ``ADMIN_TOKEN``; disabled (403) while it is unset."""
+"""Admin routes: bearer ``ADMIN_TOKEN``; disabled (403) while it is unset. Wrong tokens are
+throttled per client address (a few a minute), here and for /logs' all-calls monitor."""
 
 from __future__ import annotations
 
@@ -6,20 +7,35 @@ import secrets
 
 from aiohttp import web
 
-from appkeys import LIMITER, SETTINGS
+from appkeys import FRONTEND, LIMITER, SETTINGS
+from handlers.clients import client_ip
 from limiter.errors import LimiterUnavailable
 
 
-def _authorised(request: web.Request) -> None:
-    token = request.app[SETTINGS].admin_token
+def check_admin_token(app: web.Application, address: str, given: object) -> str | None:
+    """None when ``given`` is ADMIN_TOKEN; else why not: ``disabled`` (no ADMIN_TOKEN),
+    ``slow_down`` (too many wrong ones from this address lately: not even compared), ``wrong``."""
+    token = app[SETTINGS].admin_token
     if not token:
+        return "disabled"
+    guesses = app[FRONTEND].admin_failures
+    if not guesses.allows(address):
+        return "slow_down"
+    if isinstance(given, str) and secrets.compare_digest(given.encode(), token.value.encode()):
+        return None
+    guesses.take(address)
+    return "wrong"
+
+
+def _authorised(request: web.Request) -> None:
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    problem = check_admin_token(request.app, client_ip(request), value.strip() if scheme.lower() == "bearer" else None)
+    if problem == "disabled":
         raise web.HTTPForbidden(text="admin routes are disabled: set ADMIN_TOKEN to enable them")
-    given = request.headers.get("Authorization", "")
-    scheme, _, value = given.partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(value.strip().encode(), token.value.encode()):
-        raise web.HTTPUnauthorized(
-            text="send Authorization: Bearer <ADMIN_TOKEN>", headers={"WWW-Authenticate": "Bearer"}
-        )
+    if problem == "slow_down":
+        raise web.HTTPTooManyRequests(text="too many wrong admin tokens from this address; wait a minute")
+    if problem == "wrong":
+        raise web.HTTPUnauthorized(text="send Authorization: Bearer <ADMIN_TOKEN>", headers={"WWW-Authenticate": "Bearer"})
 
 
 async def stats(request: web.Request) -> web.Response:

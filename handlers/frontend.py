@@ -27,6 +27,9 @@ from appkeys import BUS, CALL_STORE, FRONTEND, LIFECYCLE, LIMITER, METRICS, REFU
 from bridge import events, tokens
 from calls import outbound, status
 from config import MAX_MESSAGE_BYTES, origin_in
+from handlers.admin import check_admin_token
+from handlers.clients import client_ip
+from lifecycle import HANDSHAKES_PER_S
 from limiter.rules import Decision
 
 log = logging.getLogger("callgate.frontend")
@@ -35,12 +38,6 @@ CLIENT_QUEUE = 256         # messages waiting for one client before it counts as
 SEND_TIMEOUT_S = 5.0       # one message taking longer than this to go out: the client is stuck
 HEARTBEAT_S = 30.0
 CHECKS_PER_S, CHECK_BURST = 10.0, 20   # rate_limit_check: each one is a database read
-
-
-def client_ip(request: web.Request) -> str:
-    # Behind Fly's proxy the client's address is in Fly-Client-IP, set by the proxy itself;
-    # X-Forwarded-For can be written by anyone and is not trusted.
-    return request.headers.get("Fly-Client-IP") or request.remote or "unknown"
 
 
 def origin_allowed(request: web.Request) -> bool:
@@ -70,9 +67,12 @@ def _address_hash(secret: bytes, ip: str) -> str:
 async def logs(request: web.Request) -> web.StreamResponse:
     app = request.app
     ip = client_ip(request)
+    state = app[FRONTEND]
+    if not state.handshakes.take(ip):
+        raise _refuse(request, "handshake_rate", ip, web.HTTPTooManyRequests,
+                      f"too many connection attempts from this address (at most {HANDSHAKES_PER_S:.0f} a second)")
     if not origin_allowed(request):
         raise _refuse(request, "origin", ip, web.HTTPForbidden, "origin not allowed: add it to ALLOWED_ORIGINS")
-    state = app[FRONTEND]
     if state.per_ip[ip] >= app[SETTINGS].max_connections_per_ip:
         raise _refuse(request, "per_ip_cap", ip, web.HTTPForbidden,
                       f"too many open connections from this address (at most {app[SETTINGS].max_connections_per_ip})")
@@ -301,13 +301,13 @@ class Client:
 
     async def _call_subscribe(self, message: dict[str, Any]) -> None:
         if message.get("all") is True:
-            admin = self.app[SETTINGS].admin_token
-            given = message.get("adminToken")
-            if not admin or not isinstance(given, str) or not secrets.compare_digest(given.encode(),
-                                                                                     admin.value.encode()):
+            problem = check_admin_token(self.app, self.ip, message.get("adminToken"))
+            if problem == "slow_down":
+                self.send(_error("slow_down", "too many wrong admin tokens from this address; wait a minute"))
+            elif problem is not None:
                 self.send(_error("forbidden", "a valid adminToken is needed to follow every call"))
-                return
-            self.follow(None)
+            else:
+                self.follow(None)
             return
         call_sid, token = message.get("callSid"), message.get("token")
         if not tokens.check_subscription(self.app[TOKEN_SECRET], call_sid, token):

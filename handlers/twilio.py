@@ -36,8 +36,12 @@ from limiter.limiter import CHARGE_ID
 
 log = logging.getLogger("callgate.twilio")
 
-START_TIMEOUT_S = 5.0         # a stream must send a valid `start` this soon
-MAX_STREAMS_STARTING = 200    # sockets waiting for their `start` at once
+# Twilio sends `connected` and `start` as soon as the socket opens. The upgrade's signature is
+# the same for every stream (Twilio signs the bare URL), so one captured signature opens
+# sockets for anyone: those must not be able to crowd real streams out.
+START_TIMEOUT_S = 2.0            # a stream must send a valid `start` this soon
+MAX_STREAMS_STARTING = 200       # sockets waiting for their `start` at once; past it, the oldest goes
+MAX_STARTING_PER_ADDRESS = 20    # ...of them from one address
 
 
 # --- signatures -----------------------------------------------------------------------------
@@ -167,21 +171,33 @@ async def _read_start(ws: web.WebSocketResponse) -> wire.Start | None:
 
 
 async def _accept_start(request: web.Request) -> tuple[web.WebSocketResponse, wire.Start | None]:
-    """Upgrade, and wait (bounded) for the stream's start. The handshake signature is the same
-    for every stream (Twilio signs the bare URL): bound how many sockets may wait at once."""
+    """Upgrade, and wait (bounded) for the stream's start. At most MAX_STARTING_PER_ADDRESS
+    sockets from one address may wait; when MAX_STREAMS_STARTING wait in all, the one that has
+    waited longest is closed for the new one: a real stream sends its start at once, so idle
+    sockets are always the oldest, and can never block the calls behind them."""
     lifecycle = request.app[LIFECYCLE]
-    if lifecycle.streams_starting >= MAX_STREAMS_STARTING:
-        raise web.HTTPServiceUnavailable(text="too many streams starting")
-    lifecycle.streams_starting += 1
+    starting = lifecycle.starting
+    address = request.remote or "unknown"
+    if sum(1 for a in starting.values() if a == address) >= MAX_STARTING_PER_ADDRESS:
+        request.app[REFUSALS].warning("stream:per_address", "stream upgrade refused: %d sockets from one address "
+                                      "wait for their start", MAX_STARTING_PER_ADDRESS)
+        raise web.HTTPServiceUnavailable(text="too many streams starting from this address")
+    ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, compress=False, heartbeat=None)
+    await ws.prepare(request)
+    if len(starting) >= MAX_STREAMS_STARTING:
+        oldest = next(iter(starting))
+        del starting[oldest]
+        request.app[REFUSALS].warning("stream:evicted", "a stream socket that sent no start was closed for a new one")
+        closing = asyncio.get_running_loop().create_task(oldest.close(code=1008, message=b"no start in time"))
+        lifecycle.closing.add(closing)
+        closing.add_done_callback(lifecycle.closing.discard)
+    starting[ws] = address
     try:
-        ws = web.WebSocketResponse(max_msg_size=MAX_MESSAGE_BYTES, compress=False, heartbeat=None)
-        await ws.prepare(request)
-        try:
-            return ws, await _read_start(ws)
-        except TimeoutError:
-            return ws, None
+        return ws, await _read_start(ws)
+    except TimeoutError:
+        return ws, None
     finally:
-        lifecycle.streams_starting -= 1
+        starting.pop(ws, None)
 
 
 async def media_stream(request: web.Request) -> web.StreamResponse:

@@ -69,7 +69,7 @@ async def test_the_call_start_budget_per_address_holds_across_instances(dsn):
     from calls.outbound import CALL_STARTS_PER_ADDRESS as CALL_STARTS_PER_IP
 
     env = {"TWILIO_PHONE_NUMBER_US": "+14155550000", "ALLOWED_ORIGINS": "https://callgate.test",
-           "RATE_LIMIT_PHONE_MAX_CALLS": "100"}
+           "RATE_LIMIT_PHONE_MAX_CALLS": "100", "TRUST_FLY_CLIENT_IP": "yes"}
     headers = {"Origin": "https://callgate.test", "Fly-Client-IP": "198.51.100.23"}
     async with callgate(dsn, **env) as a, callgate(dsn, **env) as b, aiohttp.ClientSession() as http:
         sockets = [await http.ws_connect(h.url + "/logs", headers=headers) for h in (a, b)]

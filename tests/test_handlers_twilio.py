@@ -10,7 +10,7 @@ import pytest
 import websockets
 from twilio.request_validator import RequestValidator
 
-from appkeys import CALL_STORE, LIMITER, TOKEN_SECRET
+from appkeys import CALL_STORE, LIMITER, METRICS, TOKEN_SECRET
 from bridge import tokens
 from helpers import AUTH_TOKEN, PUBLIC_URL, callgate, collect, wait_until
 from tools.fake_realtime import FakeRealtime
@@ -348,3 +348,65 @@ async def test_a_late_busy_after_completed_refunds_nothing(dsn):
         record = await h.app[CALL_STORE].get(call.call_sid)
         remaining = (await h.app[LIMITER].test("+14155550188")).remaining
     assert remaining == 1 and not record["refunded"]
+
+
+async def test_idle_stream_sockets_cannot_crowd_out_a_real_call(dsn, monkeypatch):
+    """A captured upgrade signature opens sockets that never send start. With the cap on
+    sockets waiting reached, the one that waited longest is closed for the newcomer, so a
+    real call still gets its stream."""
+    import handlers.twilio
+
+    monkeypatch.setattr(handlers.twilio, "MAX_STREAMS_STARTING", 5)
+    monkeypatch.setattr(handlers.twilio, "START_TIMEOUT_S", 60)  # closed by eviction only
+    async with FakeRealtime() as model, callgate(dsn, model=model) as h:
+        idle = [h.call(audio=b"", from_=f"+1415555{3000 + i}") for i in range(5)]
+        for call in idle:
+            await call.webhook()
+            await call.connect(send_start=False)
+        real = h.call(audio=b"", from_="+14155553999")
+        await real.webhook()
+        await real.connect()
+        await model.wait_for_session()
+        await real.wait_for_audio(800)
+        await real.stop()
+        first_closed = await idle[0].wait_closed()
+        others_open = [not call.closed for call in idle[1:]]
+    assert first_closed == 1008 and all(others_open)
+
+
+async def test_one_address_cannot_hold_many_sockets_waiting_for_start(dsn, monkeypatch):
+    """Past MAX_STARTING_PER_ADDRESS sockets waiting for their start from one address, the
+    next upgrade from it is refused with 503."""
+    import handlers.twilio
+
+    monkeypatch.setattr(handlers.twilio, "MAX_STARTING_PER_ADDRESS", 3)
+    async with callgate(dsn) as h:
+        idle = [h.call(audio=b"", from_=f"+1415555{3100 + i}") for i in range(4)]
+        for call in idle[:3]:
+            await call.webhook()
+            await call.connect(send_start=False)
+        await idle[3].webhook()
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await idle[3].connect(send_start=False)
+    assert refused.value.response.status_code == 503
+
+
+async def test_bad_and_too_fast_media_are_dropped_and_counted(dsn):
+    """A malformed frame, and media far faster than a phone line sends it, are not relayed to
+    the model; each is counted by reason in /metrics; the call goes on."""
+    async with FakeRealtime() as model, callgate(dsn, model=model) as h:
+        call = h.call(audio=b"", speed=1000.0)
+        await call.webhook()
+        await call.connect()
+        session = await model.wait_for_session()
+        await call.wait_for_audio(800)
+        await call._ws.send("{not json")
+        flood = bytes([0xFF]) * 160 * 2000  # 40 s of audio, sent in well under a second
+        await call.play(flood, tail_silence_ms=0)
+        await call.play(bytes([0xFE]) * 160, tail_silence_ms=0)
+        metrics = h.app[METRICS].render().decode()
+        heard = len(session.audio_in)
+        await call.stop()
+    assert 'callgate_stream_frames_rejected_total{reason="malformed"} 1.0' in metrics
+    assert 'callgate_stream_frames_rejected_total{reason="too_fast"}' in metrics
+    assert heard < len(flood)

@@ -49,7 +49,7 @@ from appkeys import (
 from bridge import events, tokens
 from bridge.call import CallServices
 from bridge.events import EventBus
-from bridge.fanout import PgFanout
+from bridge.fanout import CONTROL_END_CALL, PgFanout
 from bridge.offline import OfflineConnector
 from bridge.realtime_client import ModelConnector, RealtimeConnector
 from calls import admission, status
@@ -164,8 +164,14 @@ async def calls_duties(app: web.Application) -> AsyncIterator[None]:
 
 async def event_fanout(app: web.Application) -> AsyncIterator[None]:
     """Events to and from the other instances (LISTEN/NOTIFY)."""
-    fanout, bus = app[FANOUT], app[BUS]
+    fanout, bus, calls = app[FANOUT], app[BUS], app[LIFECYCLE].calls
     bus.forward = fanout.offer
+
+    def control(message: dict) -> None:
+        if message["type"] == CONTROL_END_CALL and (call := calls.get(message["callSid"])) is not None:
+            call.request_end(str(message.get("reason") or "ended_by_client"))
+
+    fanout.on_control = control
     try:
         async with _duty(fanout.run(), "event-fanout"):
             yield

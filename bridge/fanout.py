@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -25,6 +26,10 @@ from db.sql import Queries
 log = logging.getLogger("callgate.fanout")
 
 CHANNEL = "callgate_events"
+# Messages between instances rather than call events (e.g. "control.end_call": the instance
+# that streams the call ends it): sent with offer(), handed to on_control, never to the bus.
+CONTROL_PREFIX = "control."
+CONTROL_END_CALL = "control.end_call"  # {callSid, reason}
 MAX_PAYLOAD = 7900        # bytes; PostgreSQL refuses NOTIFY payloads of 8000 bytes or more
 MAX_TEXT_BYTES = 1500     # a longer text field is cut in what other instances see
 QUEUE = 2048              # events waiting to be sent; past it they are dropped
@@ -54,6 +59,7 @@ class PgFanout:
         self._bus = bus
         self.instance = instance_id
         self._outbox: asyncio.Queue[Event] = asyncio.Queue(QUEUE)
+        self.on_control: Callable[[Event], None] | None = None
         self._dropped = 0
         self.listening = asyncio.Event()
 
@@ -153,4 +159,8 @@ class PgFanout:
             return  # our own, already delivered here
         for event in message.get("e") or []:
             if isinstance(event, dict) and isinstance(event.get("callSid"), str) and isinstance(event.get("type"), str):
-                self._bus.publish(event, remote=True)
+                if event["type"].startswith(CONTROL_PREFIX):
+                    if self.on_control is not None:
+                        self.on_control(event)  # for the instances, never for browsers
+                else:
+                    self._bus.publish(event, remote=True)

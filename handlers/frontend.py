@@ -23,8 +23,21 @@ from typing import Any
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from appkeys import BUS, CALL_STORE, FRONTEND, LIFECYCLE, LIMITER, METRICS, REFUSALS, SERVICES, SETTINGS, TOKEN_SECRET
+from appkeys import (
+    BUS,
+    CALL_STORE,
+    FANOUT,
+    FRONTEND,
+    LIFECYCLE,
+    LIMITER,
+    METRICS,
+    REFUSALS,
+    SERVICES,
+    SETTINGS,
+    TOKEN_SECRET,
+)
 from bridge import events, tokens
+from bridge.fanout import CONTROL_END_CALL
 from calls import outbound, status
 from config import MAX_MESSAGE_BYTES, origin_in
 from handlers.admin import check_admin_token
@@ -356,6 +369,14 @@ class Client:
         if call is not None:
             call.request_end("ended_by_client")
         else:
-            # The stream is on another instance, or not open yet: Twilio ends the call, and
-            # with it the stream, wherever that is.
-            self.background(self.app[SERVICES].rest.hangup(call_sid), "call.end")
+            self.background(self._end_elsewhere(call_sid), "call.end")
+
+    async def _end_elsewhere(self, call_sid: str) -> None:
+        """The call's stream is on another instance: that instance ends it (so the call ends
+        as ended_by_client, its goodbye and records as for a local one). Not streaming
+        anywhere yet (ringing): Twilio ends it over REST."""
+        record = await self.app[CALL_STORE].get(call_sid)
+        if record is not None and record["streamed_at"] is not None and record["ended_at"] is None:
+            self.app[FANOUT].offer({"type": CONTROL_END_CALL, "callSid": call_sid, "reason": "ended_by_client"})
+        else:
+            await self.app[SERVICES].rest.hangup(call_sid)

@@ -2,7 +2,8 @@
 --
 -- $1 call_sid text
 -- Returns zero or one row: call_sid, charge_id, direction, region, scenario_id, status,
---   end_reason, refunded, created_at, connected_at, ended_at.
+--   end_reason, refunded, created_at, connected_at, ended_at, admitted_at, streamed_at,
+--   instance_id (the instance streaming it).
 SELECT call_sid, charge_id, direction, region, scenario_id, status, end_reason, refunded,
-       created_at, connected_at, ended_at
+       created_at, connected_at, ended_at, admitted_at, streamed_at, instance_id
   FROM calls WHERE call_sid = $1

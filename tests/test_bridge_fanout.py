@@ -63,6 +63,31 @@ def test_big_batches_are_split_under_the_notify_limit():
     assert sum(len(json.loads(p)["e"]) for p in payloads) == 6
 
 
+async def test_call_end_sent_to_another_instance_ends_the_call_where_it_streams(dsn):
+    """The stream is on A; call.end reaches B: B routes it to A, which ends the call as
+    ended_by_client (not as Twilio's later stop would), and B's browser sees that reason."""
+    async with FakeRealtime() as model, \
+            callgate(dsn, model=model, ALLOWED_ORIGINS="https://callgate.test") as a, \
+            callgate(dsn, model=model, ALLOWED_ORIGINS="https://callgate.test") as b, \
+            aiohttp.ClientSession() as http:
+        await wait_listening(a)
+        await wait_listening(b)
+        call = a.call(audio=b"")
+        await call.webhook()
+        await call.connect()
+        await call.wait_for_audio(800)
+        token = tokens.subscription_token(b.app[TOKEN_SECRET], call.call_sid)
+        browser = await http.ws_connect(b.url + "/logs", headers={"Origin": "https://callgate.test"})
+        await browser.send_json({"type": "call.subscribe", "callSid": call.call_sid, "token": token})
+        assert (await browser.receive_json(timeout=5))["status"] == "connected"
+        await browser.send_json({"type": "call.end", "callSid": call.call_sid})
+        while (event := await browser.receive_json(timeout=10)).get("status") != "ended":
+            pass
+        closed = await call.wait_closed()
+        await browser.close()
+    assert event["reason"] == "ended_by_client" and closed is not None
+
+
 async def test_the_call_start_budget_per_address_holds_across_instances(dsn):
     """One client address gets CALL_STARTS_PER_IP call.starts an hour in all, whichever
     instances its sockets land on."""

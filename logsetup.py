@@ -22,8 +22,26 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry).decode()
 
 
+class ExpectedOutages(logging.Filter):
+    """asyncpg logs a lost connection (PostgreSQL restarting, a network cut) as an error with
+    its traceback. For us that is an outage we handle (the database gate says so in one line):
+    one WARNING line with the reason, no traceback. Anything else asyncpg logs is untouched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("asyncpg") and record.exc_info and record.levelno >= logging.ERROR:
+            from db.errors import AWAY  # (here: logsetup must not import the database at start)
+
+            exc = record.exc_info[1]
+            if isinstance(exc, AWAY):
+                record.msg = f"{record.getMessage()} ({type(exc).__name__}: {exc})"
+                record.args, record.exc_info, record.exc_text = None, None, None
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def configure(log_format: str = "text", level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(ExpectedOutages())
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:

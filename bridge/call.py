@@ -64,6 +64,8 @@ MAX_MEDIA_PER_S, MAX_MEDIA_BURST = 100, 500
 # What the caller hears before a call the model cannot carry is hung up.
 APOLOGY = (Path(__file__).parent / "assets" / "model_failed.ulaw").read_bytes()
 APOLOGY_REASONS = frozenset({"model_failed", "model_unavailable", "content_filter"})
+# What a call's tasks may end with that the call handles (and logs as a warning) itself.
+EXPECTED_FAILURES = (ModelError, TimeoutError, ConnectionResetError)
 APOLOGY_CHUNK = mulaw.BYTES_PER_SECOND  # 1 s of audio per media message
 APOLOGY_MARK = "callgate-apology"
 APOLOGY_GRACE_S = 3.0  # beyond its length, the longest wait for the apology to play
@@ -168,7 +170,9 @@ class Call:
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             elif opening in done:
                 self._set_reason("model_unavailable")
-                log.warning("call %s: model did not open: %s", self.call_sid, opening.exception())
+                exc = opening.exception()
+                log.warning("call %s: model did not open: %s", self.call_sid,
+                            "no answer in time" if isinstance(exc, TimeoutError) else exc)
             # (Whichever pump noticed the model's failure first: the caller may still be there.)
             if self.end_reason in APOLOGY_REASONS and not self.twilio_ws.closed:
                 await self._apologise(tasks | self._aux_tasks)
@@ -642,8 +646,11 @@ class Call:
         self._finished = True
         await asyncio.gather(*tasks, return_exceptions=True)
         for task in pumps:
-            if not task.cancelled() and task.exception() is not None:
-                log.error("call %s: %s failed", self.call_sid, task.get_name(), exc_info=task.exception())
+            exc = None if task.cancelled() else task.exception()
+            # The model failing to open, or breaking, was said in one warning line already; only
+            # what nobody expected is an error with its traceback.
+            if exc is not None and not isinstance(exc, EXPECTED_FAILURES):
+                log.error("call %s: %s failed", self.call_sid, task.get_name(), exc_info=exc)
         reason = self.end_reason or "ended"
         if self._model is not None:
             with contextlib.suppress(Exception):

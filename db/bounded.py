@@ -25,7 +25,8 @@ class DatabaseAway(Exception):
     ``sent``: a connection was in hand, so the work may have reached the server."""
 
     def __init__(self, cause: BaseException, *, sent: bool) -> None:
-        super().__init__(f"{type(cause).__name__}: {cause}")
+        super().__init__(f"{type(cause).__name__}: {cause}" if str(cause) else
+                         f"{type(cause).__name__}: no answer in time")
         self.sent = sent
 
 
@@ -124,7 +125,6 @@ class DatabaseGate:
             log.info("PostgreSQL is available")
             self.became_up.set()
         else:
-            cause = exc.__cause__ if exc is not None and exc.__cause__ is not None else exc
             log.warning("PostgreSQL is unavailable (%s); decisions fall back until it answers",
-                        f"{type(cause).__name__}: {str(cause)[:200]}" if cause else "no answer")
+                        str(exc)[:200] if exc is not None else "no answer")
             self.became_up.clear()

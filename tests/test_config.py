@@ -125,3 +125,25 @@ def test_a_deprecated_model_is_warned_about_with_its_shutdown_date():
                            "OPENAI_TRANSCRIPTION_MODEL": "gpt-4o-mini-transcribe"})
     assert any("OPENAI_REALTIME_MODEL=gpt-realtime" in w and "2027-01-20" in w for w in s.warnings)
     assert any("OPENAI_TRANSCRIPTION_MODEL=gpt-4o-mini-transcribe" in w and "2027-02-26" in w for w in s.warnings)
+
+
+def test_a_lost_database_connection_logged_by_asyncpg_is_one_warning_line():
+    """asyncpg's error-with-traceback for a lost connection becomes one WARNING line with the
+    reason; an asyncpg error that is not an outage keeps its traceback."""
+    import logging
+
+    from logsetup import ExpectedOutages
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            import sys as _sys
+            return logging.LogRecord("asyncpg.pool", logging.ERROR, __file__, 1, "connection lost", None, _sys.exc_info())
+
+    lost, bug = record(ConnectionResetError("reset by peer")), record(KeyError("x"))
+    ExpectedOutages().filter(lost)
+    ExpectedOutages().filter(bug)
+    assert (lost.levelname, lost.exc_info, lost.getMessage()) == (
+        "WARNING", None, "connection lost (ConnectionResetError: reset by peer)")
+    assert bug.levelname == "ERROR" and bug.exc_info is not None

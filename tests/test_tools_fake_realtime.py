@@ -590,6 +590,26 @@ async def test_response_instructions_replace_the_sessions_for_that_response():
     assert session.response_instructions == ["Say hi.", "You are Ada, a recruiter."]
 
 
+async def test_session_faults_hit_only_their_session():
+    """session_faults: session 1 fails every response, session 2 drops after its greeting;
+    session 0 is served as usual (what a scenario with healthy neighbours relies on)."""
+    async with FakeRealtime(session_faults={1: "server_error", 2: "drop_after_greeting"}) as fake:
+        statuses = []
+        for _ in range(3):
+            async with client(fake) as ws:
+                await ready(ws)
+                await send(ws, {"type": "response.create"})
+                statuses.append((await recv_until(ws, "response.done"))[-1]["response"]["status"])
+                try:
+                    await send(ws, {"type": "response.create"})
+                    statuses.append((await recv_until(ws, "response.done"))[-1]["response"]["status"])
+                except ConnectionClosedError as closed:
+                    statuses.append(closed.rcvd)
+    assert statuses == ["completed", "completed", "failed", "failed", "completed", None]
+    with pytest.raises(ValueError, match="session fault 'no_handshake'"):
+        FakeRealtime(session_faults={0: "no_handshake"})
+
+
 def test_unknown_response_fault_is_refused():
     """A misspelt response fault fails at construction, naming the choices."""
     with pytest.raises(ValueError, match="response fault 'timeout'"):

@@ -58,6 +58,8 @@ and ``rate_limit`` fail the response (``response.done`` status failed, with
 ``status_details.error``); ``max_output_tokens`` and ``content_filter`` stop it halfway
 (status incomplete, with ``status_details.reason``). ``transcription_fault`` fails every
 caller turn's transcription (``conversation.item.input_audio_transcription.failed``).
+Per session (``session_faults``, by 0-based session index): any fault above but
+``no_handshake``, for that session alone (a scenario's one faulty call among healthy ones).
 
 CLI: ``python tools/fake_realtime.py --port 9100 [--pace 1] [--fault stall] ...``
 """
@@ -110,6 +112,9 @@ FAILED_RESPONSES = {
 }
 INCOMPLETE_RESPONSES = frozenset({"max_output_tokens", "content_filter"})
 RESPONSE_FAULTS = frozenset(FAILED_RESPONSES) | INCOMPLETE_RESPONSES
+# What one session may be given (``session_faults``): a connection fault that happens after
+# the handshake, or a fault of every one of its responses.
+SESSION_FAULTS = (FAULTS - {"no_handshake"}) | RESPONSE_FAULTS
 TRANSCRIPTION_ERROR = {"type": "invalid_request_error", "code": "audio_unintelligible",
                        "message": "The audio could not be transcribed.", "param": None}
 AUDIO_FORMATS = frozenset({"audio/pcmu", "audio/pcma", "audio/pcm"})
@@ -290,6 +295,7 @@ class FakeSession:
 
     def __init__(self, fake: FakeRealtime, ws: ServerConnection, index: int) -> None:
         self.fake, self.ws, self.index = fake, ws, index
+        self.fault = fake.fault_for(index)
         query = parse_qs(urlsplit(ws.request.path).query)
         self.model: str | None = query.get("model", [None])[0]
         self.headers: Headers = ws.request.headers
@@ -406,7 +412,7 @@ class FakeSession:
         await self.ws.close(1008, "beta_api_shape_disabled")
 
     async def _greet(self) -> None:
-        fault = self.fake.fault
+        fault = self.fault
         if fault == "stall":
             return
         if fault == "garbage":
@@ -418,7 +424,7 @@ class FakeSession:
     async def _receive(self, message: str | bytes) -> None:
         """Parse, record and answer one client frame; every failure becomes an error event."""
         # A wedged peer (stall, garbage) reads and records but never answers, not even errors.
-        wedged = self.fake.fault in ("stall", "garbage")
+        wedged = self.fault in ("stall", "garbage")
         event = None
         try:
             event = self._parse(message)
@@ -498,9 +504,9 @@ class FakeSession:
     # ------------------------------------------------------------ session.update
 
     async def _on_session_update(self, event: dict) -> None:
-        if self.fake.fault == "no_session_updated":
+        if self.fault == "no_session_updated":
             return  # the client has to notice the silence by itself
-        if self.fake.fault == "error_on_update":
+        if self.fault == "error_on_update":
             raise ClientError("invalid_request_error", "The fake model refuses every update.")
         session = event.get("session")
         check_session_update(session)
@@ -674,7 +680,7 @@ class FakeSession:
         self._response.cancel("client_cancelled")
 
     def _start_response(self, instructions: str | None = None) -> None:
-        if self.fake.fault == "stall_after_greeting" and self._answered >= 1:
+        if self.fault == "stall_after_greeting" and self._answered >= 1:
             return  # the stuck model: input accepted, no answer ever
         self.response_instructions.append(self.config.get("instructions", "") if instructions is None
                                           else instructions)
@@ -685,7 +691,7 @@ class FakeSession:
 
     async def _produce(self, response: _Response) -> None:
         call = self.fake.function_call_for(response.index)
-        fault = self.fake.response_fault_for(response.index)
+        fault = self.fake.response_fault_for(response.index, self.index)
         try:
             await self.send({"type": "response.created", "response": {
                 "id": response.id, "object": "realtime.response", "status": "in_progress",
@@ -816,7 +822,7 @@ class FakeSession:
             "usage": usage(self._received // BYTES_PER_MS,
                            self.produced_ms(item["id"]), transcript)}})
         self._answered += 1
-        if self.fake.fault == "drop_after_greeting" and self._answered == 1:
+        if self.fault == "drop_after_greeting" and self._answered == 1:
             # send() returned only once response.done reached the kernel (write_limit=0),
             # so cutting now loses nothing that was sent.
             self.abort()
@@ -847,6 +853,7 @@ class FakeRealtime:
     failed, with status_details.error), ``max_output_tokens`` and ``content_filter``
     (status incomplete after half the audio). ``transcription_fault=True`` answers every
     caller turn with ``conversation.item.input_audio_transcription.failed``.
+    ``session_faults`` maps a session index to a fault of SESSION_FAULTS for it alone.
 
     Strictness: every client event is checked against the official SDK's types; a field they
     do not know, or a wrong type, gets the ``error`` the real API sends (and is listed in the
@@ -860,10 +867,13 @@ class FakeRealtime:
                  function_calls: Sequence[tuple[str, str]] = (), first_call_response: int = 0,
                  fault: str | None = None, record_audio: bool = True,
                  response_fault: str | None = None, response_faults: Mapping[int, str] | None = None,
-                 transcription_fault: bool = False,
+                 transcription_fault: bool = False, session_faults: Mapping[int, str] | None = None,
                  host: str = "127.0.0.1", port: int = 0) -> None:
         if fault is not None and fault not in FAULTS:
             raise ValueError(f"fault={fault!r}: expected None or one of {sorted(FAULTS)}")
+        for kind in (session_faults or {}).values():
+            if kind not in SESSION_FAULTS:
+                raise ValueError(f"session fault {kind!r}: expected one of {sorted(SESSION_FAULTS)}")
         for kind in [response_fault, *(response_faults or {}).values()]:
             if kind is not None and kind not in RESPONSE_FAULTS:
                 raise ValueError(f"response fault {kind!r}: expected one of {sorted(RESPONSE_FAULTS)}")
@@ -876,6 +886,7 @@ class FakeRealtime:
         self.fault, self.record_audio = fault, record_audio
         self.response_fault, self.response_faults = response_fault, dict(response_faults or {})
         self.transcription_fault = transcription_fault
+        self.session_faults = dict(session_faults or {})
         self.invalid_sent: list[tuple[dict, Any]] = []  # server events the SDK refused (bugs)
         self.host, self.port = host, port
         self.connections = 0
@@ -941,7 +952,15 @@ class FakeRealtime:
             return bytes(self.reply_audio(session_index, response_index))
         return bytes(self.reply_audio)
 
-    def response_fault_for(self, response_index: int) -> str | None:
+    def fault_for(self, session_index: int) -> str | None:
+        """The connection fault of one session: its own (``session_faults``), else ``fault``."""
+        own = self.session_faults.get(session_index)
+        return own if own in FAULTS else self.fault
+
+    def response_fault_for(self, response_index: int, session_index: int | None = None) -> str | None:
+        own = self.session_faults.get(session_index)
+        if own in RESPONSE_FAULTS:
+            return own
         return self.response_faults.get(response_index, self.response_fault)
 
     def function_call_for(self, response_index: int) -> tuple[str, str] | None:

@@ -37,6 +37,9 @@ class Metrics:
             "callgate_limiter_pending", "Charges and refunds decided while PostgreSQL was away, not yet written back",
             registry=self.registry,
         )
+        self.calls_owed = Gauge(
+            "callgate_calls_owed", "Call records and statuses made while PostgreSQL was away, not yet written back",
+            registry=self.registry)
         self.database_up = Gauge("callgate_database_up", "1 when PostgreSQL answered the last check", registry=self.registry)
         self.pool_size = Gauge("callgate_db_pool_connections", "Connections open in the pool", registry=self.registry)
         self.pool_in_use = Gauge("callgate_db_pool_in_use", "Pool connections lent out now", registry=self.registry)

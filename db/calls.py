@@ -15,21 +15,27 @@ method             when PostgreSQL is away
                    PostgreSQL returns (``maintain``), so it counts and can be ended
 ``hold``           the same rule as ``admit``; nothing is recorded (a hold is minutes long)
 ``release_hold``   nothing: the hold expires with its ring timeout
-``record``         nothing recorded: the call's status callbacks still refund, by the charge
-                   id their signed URL names
+``record``         recorded when PostgreSQL returns (``maintain``); meanwhile its status
+                   callbacks still refund, by the charge id their signed URL names
 ``put_request``    False: nothing was stored, so the caller must not place the call
 ``get_request``    None: the call runs its scenario's defaults
-``set_status``     True: followers hear of the change (the bus keeps statuses moving forward)
-``set_end_reason`` True, likewise
+``set_status``     True: followers hear of the change (the bus keeps statuses moving forward);
+                   the call's latest status is recorded when PostgreSQL returns, so a call
+                   that ended meanwhile does not hold a place under the cap
+``set_end_reason`` True, likewise; recorded when PostgreSQL returns
 ``claim_refund``   the ``fallback`` charge id: the limiter refunds idempotently (and writes
                    back later), so refunding without the record cannot refund twice
 ``get``            None: the call is unknown here
-``start_stream``   the token is single use on this instance only, until it expires (minutes)
+``start_stream``   the token is single use on this instance only, until it expires (minutes);
+                   the stream start is recorded when PostgreSQL returns (the call then counts
+                   as streaming here, and is ended by another instance if this one dies)
 ``cleanup``        0: the next run deletes what this one could not
 =================  ============================================================================
 
-Each fallback logs one warning naming the call and what was not done. Any other database
-error is a bug and is raised.
+Each fallback logs a warning naming the call and what was not done; while the outage lasts,
+one line per kind of statement every 10 s, counting the others (an outage is one event, not a
+line per request). Whatever is owed is written back oldest first, with one line saying how
+much. Any other database error is a bug and is raised.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
@@ -47,8 +54,11 @@ import orjson
 
 from db.bounded import DatabaseAway, DatabaseGate
 from db.sql import Queries
+from logsetup import Throttled
 
 log = logging.getLogger("callgate.calls")
+# While PostgreSQL is away: one warning per kind of statement every 10 s, its subject left out.
+SUBJECT = re.compile(r"^(call(?: request)?) \S+")  # "call CA…: status ended" → "call: status ended"
 
 CALL_RETENTION_DAYS = 30
 HEARTBEAT_S = 4.0    # how often an instance says it is alive
@@ -99,14 +109,28 @@ class CallStore:
         # back by maintain(); and stream tokens spent meanwhile, with their expiry.
         self._admitted_away: dict[str, tuple[tuple, float]] = {}
         self._spent_here: dict[str, float] = {}
+        # Everything else PostgreSQL missed meanwhile, oldest first: (kind, CallSid) → (query,
+        # arguments). A call's later status replaces its earlier one; all are idempotent upserts.
+        self._owed: dict[tuple[str, str], tuple[str, tuple]] = {}
+        self._away_log = Throttled(log)
 
     async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[T]], when_away: T, what: str) -> T:
         """``work`` on a pooled connection, bounded; ``when_away`` (logged) if PostgreSQL is away."""
         try:
             return await self._gate.run(work, self._timeout)
         except DatabaseAway as exc:
-            log.warning("%s: not done, the database is unavailable (%s)", what, exc)
+            self._away_log.warning(SUBJECT.sub(r"\1", what), "%s: not done, the database is unavailable (%s)", what, exc)
             return when_away
+
+    def _owe(self, kind: str, call_sid: str, query: str, args: tuple, *, replace: bool = True) -> None:
+        key = (kind, call_sid)
+        if replace or key not in self._owed:
+            self._owed[key] = (query, args)
+
+    @property
+    def owed(self) -> int:
+        """Statements waiting for PostgreSQL to return (admissions included)."""
+        return len(self._admitted_away) + len(self._owed)
 
     async def _fetchrow(self, query: str, *args: Any, what: str) -> Any:
         """The row (or None), or AWAY (logged, with ``what``) when PostgreSQL is away."""
@@ -165,8 +189,9 @@ class CallStore:
 
     async def record(self, call_sid: str, charge_id: str, direction: str, region: str, scenario_id: str) -> None:
         """Record a call we placed, before Twilio reports on it."""
-        await self._fetchrow(self._q.calls_record, call_sid, charge_id, direction, region, scenario_id, False,
-                             what=f"call {call_sid}: record")
+        args = (call_sid, charge_id, direction, region, scenario_id, False)
+        if await self._fetchrow(self._q.calls_record, *args, what=f"call {call_sid}: record (written back later)") is AWAY:
+            self._owe("record", call_sid, self._q.calls_record, args)
 
     async def put_request(self, request_id: str, scenario_id: str, config_json: str, voice: str) -> bool:
         """Remember what a call is for, until its webhook or its stream asks; False if not stored."""
@@ -183,13 +208,19 @@ class CallStore:
                          reason: str | None = None, charge_id: str | None = None) -> bool:
         """Move a call forward to ``status`` (of ``rank``; ``final_rank`` and above end it);
         False when it was already there or further on."""
-        row = await self._fetchrow(self._q.calls_status, call_sid, status, rank, reason, charge_id, final_rank,
-                                   what=f"call {call_sid}: status {status}")
+        args = (call_sid, status, rank, reason, charge_id, final_rank)
+        row = await self._fetchrow(self._q.calls_status, *args, what=f"call {call_sid}: status {status} (written back later)")
+        if row is AWAY:
+            owed = self._owed.get(("status", call_sid))
+            self._owe("status", call_sid, self._q.calls_status, args, replace=owed is None or owed[1][2] < rank)
         return row is not None
 
     async def set_end_reason(self, call_sid: str, reason: str) -> bool:
         """Fill in why a call ended if nothing said so yet; True when it was filled in."""
-        row = await self._fetchrow(self._q.calls_end_reason, call_sid, reason, what=f"call {call_sid}: end reason")
+        row = await self._fetchrow(self._q.calls_end_reason, call_sid, reason,
+                                   what=f"call {call_sid}: end reason (written back later)")
+        if row is AWAY:
+            self._owe("reason", call_sid, self._q.calls_end_reason, (call_sid, reason), replace=False)
         return row is not None
 
     async def claim_refund(self, call_sid: str, fallback: str) -> str | None:
@@ -209,10 +240,12 @@ class CallStore:
         """True for the first stream of a call, with a token used for the first time; the call is
         then marked streaming on this instance. False for a token spent before, or a call that
         has had its stream (or has ended): one CallSid gets one media stream, ever."""
-        row = await self._fetchrow(self._q.calls_stream_start, jti, call_sid, self.instance_id,
+        args = (jti, call_sid, self.instance_id)
+        row = await self._fetchrow(self._q.calls_stream_start, *args,
                                    what=f"call {call_sid}: stream start (token single use on this instance only)")
         if row is not AWAY:
             return bool(row["first_use"]) and (bool(row["started"]) or not row["known"])
+        self._owe("stream", call_sid, self._q.calls_stream_start, args)
         now = time.time()
         for old in [j for j, until in self._spent_here.items() if until < now]:
             del self._spent_here[old]
@@ -228,7 +261,7 @@ class CallStore:
         calls (``on_reaped`` tells followers), and write back what was admitted while
         PostgreSQL was away."""
         while True:
-            if self._admitted_away and self._gate.up:
+            if (self._admitted_away or self._owed) and self._gate.up:
                 await self._write_back()
             alive = await self._fetchrow(self._q.instances_heartbeat, self.instance_id, DEAD_AFTER_S,
                                          what="instance heartbeat")
@@ -242,11 +275,25 @@ class CallStore:
             await asyncio.sleep(HEARTBEAT_S)
 
     async def _write_back(self) -> None:
-        for call_sid, (args, _) in list(self._admitted_away.items()):
-            if await self._fetchrow(self._q.calls_record, *args, what=f"call {call_sid}: write back") is AWAY:
-                return
-            del self._admitted_away[call_sid]
-            log.info("call %s: admitted while PostgreSQL was away; recorded now", call_sid)
+        """Admissions first (a call's other statements need its row), then the rest in order;
+        stops at the first that PostgreSQL does not take (the next round goes on from there)."""
+        admitted = written = 0
+        try:
+            for call_sid, (args, _) in list(self._admitted_away.items()):
+                if await self._fetchrow(self._q.calls_record, *args, what=f"call {call_sid}: write back") is AWAY:
+                    return
+                del self._admitted_away[call_sid]
+                admitted += 1
+            for key, (query, args) in list(self._owed.items()):
+                if await self._fetchrow(query, *args, what=f"call {key[1]}: write back ({key[0]})") is AWAY:
+                    return
+                if self._owed.get(key) == (query, args):  # not replaced by a newer one meanwhile
+                    del self._owed[key]
+                written += 1
+        finally:
+            if admitted or written:
+                log.info("PostgreSQL is back: recorded %d calls admitted and %d other statements made while it "
+                         "was away (%d still owed)", admitted, written, self.owed)
 
     async def leave(self) -> None:
         """This instance stops: it is no longer counted alive."""

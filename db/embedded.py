@@ -179,11 +179,13 @@ class EmbeddedPostgres:
         if exists != "1":
             self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", DATABASE)
 
-    def stop(self) -> None:
-        """Stop the server if it runs (fast shutdown: committed data is kept)."""
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server if it runs. ``fast``: sessions ended, a clean checkpoint;
+        ``immediate``: every process quits at once, as in a crash (the next start recovers from
+        the write-ahead log). Committed data is kept either way."""
         if self._account is None and os.geteuid() == 0:
             self._account = _service_account()
         if not self.running:
             return
-        self._run("pg_ctl", "stop", "-w", "-t", "60", "-m", "fast", "-D", str(self.data_dir), timeout=90)
-        log.info("embedded PostgreSQL stopped")
+        self._run("pg_ctl", "stop", "-w", "-t", "60", "-m", mode, "-D", str(self.data_dir), timeout=90)
+        log.info("embedded PostgreSQL stopped (%s)", mode)

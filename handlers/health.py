@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from appkeys import DATABASE, FRONTEND, LIFECYCLE, LIMITER, METRICS, SETTINGS
+from appkeys import CALL_STORE, DATABASE, FRONTEND, LIFECYCLE, LIMITER, METRICS, SETTINGS
 from config import VERSION
 from metrics import CONTENT_TYPE_LATEST
 
@@ -67,5 +67,6 @@ async def metrics(request: web.Request) -> web.Response:
     m.pool_size.set(pool.get_size())
     m.pool_in_use.set(pool.get_size() - pool.get_idle_size())
     m.limiter_pending.set(app[LIMITER].pending)
+    m.calls_owed.set(app[CALL_STORE].owed)
     m.database_up.set(1 if app[DATABASE].gate.up else 0)
     return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -79,6 +79,37 @@ async def test_while_away_the_cap_is_decided_by_the_fail_mode(dsn, fail_mode, ta
     assert recorded == sum(taken)
 
 
+async def test_what_happens_while_away_is_recorded_when_the_database_returns(store_and_proxy, caplog):
+    """Calls that streamed and ended during an outage must not hold places under the cap after
+    it: their admission, stream start, latest status and end reason are written back, as is a
+    call placed meanwhile; repeated warnings of one kind are counted, not repeated."""
+    store, proxy = store_and_proxy
+    caplog.set_level(logging.WARNING, logger="callgate.calls")
+    assert (await admit(store, "CA1")).admitted  # before: recorded at once
+    proxy.cut()
+    assert await store.start_stream("jti-1", "CA1", time.time() + 60)
+    assert (await admit(store, "CA2")).admitted
+    assert await store.start_stream("jti-2", "CA2", time.time() + 60)
+    for call in ("CA1", "CA2"):
+        await store.set_status(call, "connected", 50, final_rank=100)
+        await store.set_status(call, "ended", 100, final_rank=100, reason="caller_hangup")
+        await store.set_status(call, "connected", 50, final_rank=100)  # late: must not undo the end
+    await store.record("CA3", "RS3", "outbound-api", "US", "job-interview")
+    assert store.owed == 6
+    proxy.restore()
+    assert await store._gate.probe()
+    await store._write_back()
+    assert store.owed == 0
+    pool = store._gate.pool
+    rows = {r["call_sid"]: (r["status"], r["end_reason"], r["streamed_at"] is not None)
+            for r in await pool.fetch("SELECT * FROM calls")}
+    assert rows == {"CA1": ("ended", "caller_hangup", True), "CA2": ("ended", "caller_hangup", True),
+                    "CA3": ("queued", None, False)}
+    assert await pool.fetchval("SELECT callgate_live_calls(NULL, NULL, 420, 60, 60)") == 0
+    statuses = [r.getMessage() for r in caplog.records if ": status" in r.getMessage()]
+    assert len(statuses) == 2 and all("CA1" in m for m in statuses)  # CA2's: counted in the next line
+
+
 async def test_a_retried_webhook_gets_the_same_answer_and_a_replay_gets_none(pool):
     """A retry of a webhook whose stream has not started gets the first answer (the same
     token); once the call has its stream, or has ended, a replay is not admitted."""

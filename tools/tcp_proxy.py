@@ -33,17 +33,17 @@ async def proxied(dsn: str) -> AsyncIterator[TcpProxy]:
 class TcpProxy:
     """Forwards 127.0.0.1:``port`` to ``target`` until told to fail (``mode``)."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, port: int = 0) -> None:
         self.target = (target_host, target_port)
         self.mode = "forward"
-        self.port = 0
+        self.port = port  # 0: any free port (start() sets the real one)
         self.dsn: str | None = None  # set by proxied(): the database URL through the proxy
         self._server: asyncio.AbstractServer | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> TcpProxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

@@ -24,19 +24,28 @@ class JsonFormatter(logging.Formatter):
 
 class ExpectedOutages(logging.Filter):
     """asyncpg logs a lost connection (PostgreSQL restarting, a network cut) as an error with
-    its traceback. For us that is an outage we handle (the database gate says so in one line):
-    one WARNING line with the reason, no traceback. Anything else asyncpg logs is untouched."""
+    its traceback; and when a lost connection had a request being cancelled (our timeout), its
+    internal future's "unexpected connection_lost() call" reaches asyncio's "exception never
+    retrieved" (asyncpg issue 1211). For us both are an outage we handle (the database gate says
+    so in one line): one WARNING line with the reason, no traceback. Anything else is untouched."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.startswith("asyncpg") and record.exc_info and record.levelno >= logging.ERROR:
+        if record.exc_info and record.levelno >= logging.ERROR and self._outage(record):
+            exc = record.exc_info[1]
+            record.msg = f"{record.getMessage()} ({type(exc).__name__}: {exc})"
+            record.args, record.exc_info, record.exc_text = None, None, None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+    @staticmethod
+    def _outage(record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1]
+        if record.name.startswith("asyncpg"):
             from db.errors import AWAY  # (here: logsetup must not import the database at start)
 
-            exc = record.exc_info[1]
-            if isinstance(exc, AWAY):
-                record.msg = f"{record.getMessage()} ({type(exc).__name__}: {exc})"
-                record.args, record.exc_info, record.exc_text = None, None, None
-                record.levelno, record.levelname = logging.WARNING, "WARNING"
-        return True
+            return isinstance(exc, AWAY)
+        return (record.name == "asyncio" and type(exc) is ConnectionError
+                and str(exc) == "unexpected connection_lost() call")
 
 
 def configure(log_format: str = "text", level: str = "info") -> None:

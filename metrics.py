@@ -37,6 +37,9 @@ class Metrics:
             "callgate_limiter_pending", "Charges and refunds decided while PostgreSQL was away, not yet written back",
             registry=self.registry,
         )
+        self.instances_alive = Gauge(
+            "callgate_instances_alive", "Instances this one counted alive at its last heartbeat (itself included)",
+            registry=self.registry)
         self.calls_owed = Gauge(
             "callgate_calls_owed", "Call records and statuses made while PostgreSQL was away, not yet written back",
             registry=self.registry)

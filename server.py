@@ -49,7 +49,7 @@ from appkeys import (
 from bridge import events, tokens
 from bridge.call import CallServices
 from bridge.events import EventBus
-from bridge.fanout import CONTROL_END_CALL, PgFanout
+from bridge.fanout import CONTROL_END_CALL, CONTROL_INSTANCE_JOINED, PgFanout
 from bridge.offline import OfflineConnector
 from bridge.realtime_client import ModelConnector, RealtimeConnector
 from calls import admission, status
@@ -151,25 +151,32 @@ async def limiter_duties(app: web.Application) -> AsyncIterator[None]:
 async def calls_duties(app: web.Application) -> AsyncIterator[None]:
     """Old records forgotten; this instance's heartbeat, dead instances' calls ended (their
     followers told), calls admitted while PostgreSQL was away recorded."""
-    store, bus = app[CALL_STORE], app[BUS]
+    store, bus, fanout = app[CALL_STORE], app[BUS], app[FANOUT]
 
     def reaped(call_sid: str) -> None:
         bus.publish(events.status_changed(call_sid, "ended", "instance_lost"))
 
+    def joined() -> None:
+        # The others count the instances again at once, not at their next heartbeat: an
+        # outage right after a scale-out must find every share of the cap already smaller.
+        fanout.offer({"type": CONTROL_INSTANCE_JOINED})
+
     async with _duty(tidy_calls(store), "calls-cleanup"), \
-            _duty(store.maintain(reaped, status.FINAL_RANK), "calls-upkeep"):
+            _duty(store.maintain(reaped, status.FINAL_RANK, joined), "calls-upkeep"):
         yield
     await store.leave()
 
 
 async def event_fanout(app: web.Application) -> AsyncIterator[None]:
     """Events to and from the other instances (LISTEN/NOTIFY)."""
-    fanout, bus, calls = app[FANOUT], app[BUS], app[LIFECYCLE].calls
+    fanout, bus, calls, store = app[FANOUT], app[BUS], app[LIFECYCLE].calls, app[CALL_STORE]
     bus.forward = fanout.offer
 
     def control(message: dict) -> None:
-        if message["type"] == CONTROL_END_CALL and (call := calls.get(message["callSid"])) is not None:
+        if message["type"] == CONTROL_END_CALL and (call := calls.get(message.get("callSid"))) is not None:
             call.request_end(str(message.get("reason") or "ended_by_client"))
+        elif message["type"] == CONTROL_INSTANCE_JOINED:
+            store.beat_soon()
 
     fanout.on_control = control
     try:

@@ -30,6 +30,7 @@ CHANNEL = "callgate_events"
 # that streams the call ends it): sent with offer(), handed to on_control, never to the bus.
 CONTROL_PREFIX = "control."
 CONTROL_END_CALL = "control.end_call"  # {callSid, reason}
+CONTROL_INSTANCE_JOINED = "control.instance_joined"  # {}: count the instances again now
 MAX_PAYLOAD = 7900        # bytes; PostgreSQL refuses NOTIFY payloads of 8000 bytes or more
 MAX_TEXT_BYTES = 1500     # a longer text field is cut in what other instances see
 QUEUE = 2048              # events waiting to be sent; past it they are dropped
@@ -158,9 +159,10 @@ class PgFanout:
         if not isinstance(message, dict) or message.get("o") == self.instance:
             return  # our own, already delivered here
         for event in message.get("e") or []:
-            if isinstance(event, dict) and isinstance(event.get("callSid"), str) and isinstance(event.get("type"), str):
-                if event["type"].startswith(CONTROL_PREFIX):
-                    if self.on_control is not None:
-                        self.on_control(event)  # for the instances, never for browsers
-                else:
-                    self._bus.publish(event, remote=True)
+            if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+                continue
+            if event["type"].startswith(CONTROL_PREFIX):
+                if self.on_control is not None:
+                    self.on_control(event)  # for the instances, never for browsers
+            elif isinstance(event.get("callSid"), str):
+                self._bus.publish(event, remote=True)

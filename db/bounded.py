@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -82,6 +83,8 @@ class DatabaseGate:
         self._migrate = migrate
         self._timeout = timeout
         self.became_up = asyncio.Event()  # set each time it comes (back) up; for write-backs
+        self.up_since = 0.0  # time.monotonic() when it last came (back) up
+        self.outages = 0     # times it went away since this process started
 
     async def run(self, work: Callable[[asyncpg.Connection], Awaitable[Any]], seconds: float) -> Any:
         if not self.up:
@@ -123,8 +126,10 @@ class DatabaseGate:
         self.up = up
         if up:
             log.info("PostgreSQL is available")
+            self.up_since = time.monotonic()
             self.became_up.set()
         else:
+            self.outages += 1
             log.warning("PostgreSQL is unavailable (%s); decisions fall back until it answers",
                         str(exc)[:200] if exc is not None else "no answer")
             self.became_up.clear()

@@ -41,6 +41,7 @@ much. Any other database error is a bug and is raised.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import re
@@ -62,6 +63,11 @@ SUBJECT = re.compile(r"^(call(?: request)?) \S+")  # "call CA…: status ended" 
 
 CALL_RETENTION_DAYS = 30
 HEARTBEAT_S = 4.0    # how often an instance says it is alive
+WRITE_BACK_POLL_S = 0.25  # while something is owed to PostgreSQL: how often to try to write it back
+# After an outage, admissions keep to this instance's share (as well as the cap) this long: time
+# for every instance to find PostgreSQL back (they probe every WRITE_BACK_POLL_S while they owe)
+# and write back what it let in.
+SETTLE_S = 3.0
 DEAD_AFTER_S = 15.0  # an instance silent this long is dead: any other ends its calls
 
 # The advisory lock every instance takes to admit a call under the global cap ("CGADMIT").
@@ -109,10 +115,15 @@ class CallStore:
         # back by maintain(); and stream tokens spent meanwhile, with their expiry.
         self._admitted_away: dict[str, tuple[tuple, float]] = {}
         self._spent_here: dict[str, float] = {}
+        # Calls this instance let in (either way) whose stream has not started yet: CallSid →
+        # when. They count in its share too: a burst has many between webhook and stream.
+        self._starting: dict[str, float] = {}
         # Everything else PostgreSQL missed meanwhile, oldest first: (kind, CallSid) → (query,
         # arguments). A call's later status replaces its earlier one; all are idempotent upserts.
         self._owed: dict[tuple[str, str], tuple[str, tuple]] = {}
         self._away_log = Throttled(log)
+        self._beat_now = asyncio.Event()
+        self._writing = asyncio.Lock()
 
     async def _run(self, work: Callable[[asyncpg.Connection], Awaitable[T]], when_away: T, what: str) -> T:
         """``work`` on a pooled connection, bounded; ``when_away`` (logged) if PostgreSQL is away."""
@@ -150,20 +161,29 @@ class CallStore:
                     stream_params: dict[str, str]) -> Admission:
         """The webhook's call: admitted under the cap (or not), or known from before."""
         c = self.cap
+        await self.write_back()  # what it let in while PostgreSQL was away counts first
+        if self._settling() and not self._room_while_away():
+            return Admission("new", False, stream_params)
         row = await self._run(self._locked(self._q.calls_admit, call_sid, charge_id, direction, region, scenario_id,
                                            c.max_live, c.session_s, c.setup_s, c.hold_s,
                                            orjson.dumps(stream_params).decode()),
                               AWAY, f"call {call_sid}: admission under the cap ({c.fail_mode} decides)")
         if row is not AWAY:
+            if row["admitted"]:
+                self._starting[call_sid] = time.time()
             return Admission(row["state"], row["admitted"], orjson.loads(row["stream_params"]))
         if not self._room_while_away():
             return Admission("new", False, stream_params)
         self._admitted_away[call_sid] = ((call_sid, charge_id, direction, region, scenario_id, True), time.time())
+        self._starting[call_sid] = time.time()
         return Admission("new", True, stream_params)
 
     async def hold(self, reservation_id: str) -> bool:
         """Hold a place under the cap for an outbound call about to be placed."""
         c = self.cap
+        await self.write_back()
+        if self._settling() and not self._room_while_away():
+            return False
         row = await self._run(self._locked(self._q.calls_hold, reservation_id, c.max_live, c.session_s,
                                            c.setup_s, c.hold_s),
                               AWAY, f"call request {reservation_id}: a place under the cap ({c.fail_mode} decides)")
@@ -172,6 +192,13 @@ class CallStore:
     async def release_hold(self, reservation_id: str) -> None:
         await self._fetchrow(self._q.calls_release_hold, reservation_id,
                              what=f"call request {reservation_id}: release its place (it expires)")
+
+    def _settling(self) -> bool:
+        """Just after an outage, the other instances may not have written back yet what they let
+        in meanwhile, so PostgreSQL's count is short: for SETTLE_S the share is kept as well
+        (memory mode: in closed mode nobody let anyone in; in open mode the cap was let go)."""
+        return (self.cap.fail_mode == "memory" and self._gate.outages > 0
+                and time.monotonic() - self._gate.up_since < SETTLE_S)
 
     def _room_while_away(self) -> bool:
         """LIMITER_FAIL_MODE, for the cap: memory takes a call while this instance is under its
@@ -182,8 +209,9 @@ class CallStore:
             return False
         live = set(self._live_here())
         recent = time.time() - self.cap.setup_s
-        starting = sum(1 for sid, (_, at) in self._admitted_away.items() if at > recent and sid not in live)
-        return len(live) + starting < math.ceil(self.cap.max_live / max(self.instances_alive, 1))
+        for sid in [sid for sid, at in self._starting.items() if at <= recent or sid in live]:
+            del self._starting[sid]  # streaming now (counted in live), or its stream never came
+        return len(live) + len(self._starting) < math.ceil(self.cap.max_live / max(self.instances_alive, 1))
 
     # --- records ----------------------------------------------------------------------------
 
@@ -256,23 +284,52 @@ class CallStore:
 
     # --- upkeep -----------------------------------------------------------------------------
 
-    async def maintain(self, on_reaped: Callable[[str], None], final_rank: int) -> None:
-        """Background duty until cancelled: say this instance is alive, end dead instances'
-        calls (``on_reaped`` tells followers), and write back what was admitted while
-        PostgreSQL was away."""
+    def beat_soon(self) -> None:
+        """Heartbeat now rather than at the next round (another instance joined: recount)."""
+        self._beat_now.set()
+
+    async def maintain(self, on_reaped: Callable[[str], None], final_rank: int,
+                       on_joined: Callable[[], None] = lambda: None) -> None:
+        """Background duty until cancelled: say this instance is alive (``on_joined`` after the
+        first time), end dead instances' calls (``on_reaped`` tells followers), and write back
+        what was admitted while PostgreSQL was away."""
+        joined, last_beat = False, float("-inf")
         while True:
-            if (self._admitted_away or self._owed) and self._gate.up:
-                await self._write_back()
+            recent = time.time() - self.cap.setup_s
+            for sid in [sid for sid, at in self._starting.items() if at <= recent]:
+                del self._starting[sid]
+            if self.owed and not self._gate.up:
+                await self._gate.probe()  # (besides the gate's own, slower, probes)
+            if self.owed and self._gate.up:
+                await self.write_back()
+            # While something is owed, look every WRITE_BACK_POLL_S: the sooner it is written
+            # back, the sooner every instance's admissions count it again.
+            next_beat = last_beat + HEARTBEAT_S - time.monotonic()
+            if next_beat > 0 and not self._beat_now.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._beat_now.wait(), min(WRITE_BACK_POLL_S if self.owed else HEARTBEAT_S,
+                                                                      next_beat))
+                continue
+            self._beat_now.clear()
+            last_beat = time.monotonic()
             alive = await self._fetchrow(self._q.instances_heartbeat, self.instance_id, DEAD_AFTER_S,
                                          what="instance heartbeat")
             if alive is not AWAY:
                 self.instances_alive = int(alive["alive"])
+                if not joined:
+                    joined = True
+                    on_joined()
                 reaped = await self._run(lambda conn: conn.fetch(self._q.instances_reap, DEAD_AFTER_S, final_rank),
                                          [], "ending dead instances' calls")
                 for row in reaped:
                     log.warning("call %s: its instance stopped answering; ended (instance_lost)", row["call_sid"])
                     on_reaped(row["call_sid"])
-            await asyncio.sleep(HEARTBEAT_S)
+
+    async def write_back(self) -> None:
+        """If anything is owed and PostgreSQL answers: write it back (one writer at a time)."""
+        if self.owed and self._gate.up:
+            async with self._writing:
+                await self._write_back()
 
     async def _write_back(self) -> None:
         """Admissions first (a call's other statements need its row), then the rest in order;

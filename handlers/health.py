@@ -68,5 +68,6 @@ async def metrics(request: web.Request) -> web.Response:
     m.pool_in_use.set(pool.get_size() - pool.get_idle_size())
     m.limiter_pending.set(app[LIMITER].pending)
     m.calls_owed.set(app[CALL_STORE].owed)
+    m.instances_alive.set(app[CALL_STORE].instances_alive)
     m.database_up.set(1 if app[DATABASE].gate.up else 0)
     return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -123,3 +123,21 @@ async def test_non_latin_transcripts_cross_instances_and_fanout_keeps_going(dsn)
             got = [await asyncio.wait_for(sub.get(), 10) for _ in range(4)]
     assert [e["type"] for e in got] == ["transcript.done"] * 3 + ["call.status_changed"]
     assert got[0]["text"].startswith("नमस्ते") and got[0]["text"].endswith("…")
+
+
+async def test_an_instance_that_joins_is_counted_by_the_others_at_once(dsn, monkeypatch):
+    """Each instance's share of the cap while PostgreSQL is away is the cap over the instances
+    it counts: a new instance tells the others, who recount then, not at their next heartbeat
+    (made an hour long here, so only the news can do it)."""
+    import db.calls
+    from appkeys import CALL_STORE, DATABASE
+    from helpers import wait_until
+
+    monkeypatch.setattr(db.calls, "HEARTBEAT_S", 3600.0)
+    async with callgate(dsn) as a:
+        await wait_listening(a)
+        pool = a.app[DATABASE].pool
+        await wait_until(lambda: pool.fetchval("SELECT count(*) FROM instances"), what="a's first heartbeat")
+        assert a.app[CALL_STORE].instances_alive == 1
+        async with callgate(dsn):
+            await wait_until(lambda: a.app[CALL_STORE].instances_alive == 2, timeout=10, what="a counting b")

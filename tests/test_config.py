@@ -134,16 +134,22 @@ def test_a_lost_database_connection_logged_by_asyncpg_is_one_warning_line():
 
     from logsetup import ExpectedOutages
 
-    def record(exc: BaseException) -> logging.LogRecord:
+    def record(exc: BaseException, logger: str = "asyncpg.pool", message: str = "connection lost") -> logging.LogRecord:
         try:
             raise exc
         except BaseException:
             import sys as _sys
-            return logging.LogRecord("asyncpg.pool", logging.ERROR, __file__, 1, "connection lost", None, _sys.exc_info())
+            return logging.LogRecord(logger, logging.ERROR, __file__, 1, message, None, _sys.exc_info())
 
     lost, bug = record(ConnectionResetError("reset by peer")), record(KeyError("x"))
-    ExpectedOutages().filter(lost)
-    ExpectedOutages().filter(bug)
+    # What asyncio logs when a connection is lost while asyncpg cancels a request on it.
+    cancelled = record(ConnectionError("unexpected connection_lost() call"), "asyncio",
+                       "Future exception was never retrieved")
+    other = record(ConnectionError("something else"), "asyncio", "Future exception was never retrieved")
+    for r in (lost, bug, cancelled, other):
+        ExpectedOutages().filter(r)
     assert (lost.levelname, lost.exc_info, lost.getMessage()) == (
         "WARNING", None, "connection lost (ConnectionResetError: reset by peer)")
+    assert (cancelled.levelname, cancelled.exc_info) == ("WARNING", None)
     assert bug.levelname == "ERROR" and bug.exc_info is not None
+    assert other.levelname == "ERROR" and other.exc_info is not None

@@ -110,6 +110,39 @@ async def test_what_happens_while_away_is_recorded_when_the_database_returns(sto
     assert len(statuses) == 2 and all("CA1" in m for m in statuses)  # CA2's: counted in the next line
 
 
+async def test_while_away_calls_let_in_but_not_streaming_yet_count_in_the_share(store_and_proxy):
+    """A burst has many calls between webhook and stream: one admitted through PostgreSQL just
+    before it went away takes a place in this instance's share like a streaming one."""
+    store, proxy = store_and_proxy  # cap 2, one instance alive: a share of 2
+    assert (await admit(store, "CA1")).admitted  # through PostgreSQL; its stream not open yet
+    proxy.cut()
+    assert [(await admit(store, call)).admitted for call in ("CA2", "CA3")] == [True, False]
+
+
+async def test_after_an_outage_admissions_keep_to_the_share_until_others_wrote_back(dsn):
+    """Instance B lets a call in while PostgreSQL is away; A finds PostgreSQL back before B
+    wrote it back, so PostgreSQL's count is short by one: for SETTLE_S A also keeps to its
+    share, and the cap (2) holds across both."""
+    async with proxied(dsn) as proxy_a, proxied(dsn) as proxy_b:
+        pool_a = await create_pool(proxy_a.dsn, 2, client_timeout_ms=300)
+        pool_b = await create_pool(proxy_b.dsn, 2, client_timeout_ms=300)
+        try:
+            a = make_store(pool_a, timeout=0.3, max_live=2, instance_id="a")
+            b = make_store(pool_b, timeout=0.3, max_live=2, instance_id="b")
+            a.instances_alive = b.instances_alive = 2  # a share of 1 each
+            proxy_a.cut()
+            proxy_b.cut()
+            assert await a.get("CA0") is None  # A notices the outage
+            assert (await admit(b, "CB1")).admitted  # in memory: not in PostgreSQL yet
+            proxy_a.restore()
+            assert await a._gate.probe()
+            taken = [(await admit(a, call)).admitted for call in ("CA1", "CA2")]
+        finally:
+            pool_a.terminate()
+            pool_b.terminate()
+    assert taken == [True, False]
+
+
 async def test_a_retried_webhook_gets_the_same_answer_and_a_replay_gets_none(pool):
     """A retry of a webhook whose stream has not started gets the first answer (the same
     token); once the call has its stream, or has ended, a replay is not admitted."""

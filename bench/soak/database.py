@@ -18,7 +18,6 @@ from bench.soak.stage import (
     free_port,
     now,
     number,
-    percentile,
     stage,
 )
 from tools.fake_realtime import FakeRealtime
@@ -170,12 +169,12 @@ def check_health(out: Outcome, health: HealthWatch, back_at: float | None) -> No
             out.figures["ok again after"] = f"{ok_at - back_at:.1f} s"
 
 
-def check_logs(s: Stage, out: Outcome, numbers: list[str]) -> None:
+def check_logs(s: Stage, out: Outcome, numbers: list[str], prefix: str = "") -> None:
     errors = s.log_errors()
-    out.figures["ERROR lines / tracebacks"] = len(errors)
-    out.check(not errors, "no ERROR line or traceback in the logs" + (f": {errors[:5]}" if errors else ""))
+    out.figures[f"{prefix}ERROR lines / tracebacks"] = len(errors)
+    out.check(not errors, f"{prefix}no ERROR line or traceback in the logs" + (f": {errors[:5]}" if errors else ""))
     shown = s.numbers_in_logs(numbers)
-    out.check(not shown, f"no phone number in the logs ({len(shown)} shown)")
+    out.check(not shown, f"{prefix}no phone number in the logs ({len(shown)} shown)")
 
 
 async def outage(kind: str, *, warm_s: float = 5, after_s: float = 10) -> Outcome:
@@ -239,6 +238,7 @@ async def down_at_start() -> Outcome:
                 s.proxy.stall()
             dsn = s.proxy.dsn.replace(f":{s.proxy.port}/", f":{port}/")
             server = await s.server(until="listening", DATABASE_URL=dsn)
+            out.figures[f"{how}: listening after"] = f"{server.listening_after:.1f} s"
             status, body, took = await server.healthz()
             out.check(status == 200 and body.get("status") == "degraded" and took < HEALTH_FAST_S,
                       f"{how}: listening, /healthz 200 degraded in {took * 1000:.0f} ms")
@@ -274,7 +274,7 @@ async def down_at_start() -> Outcome:
                 recorded = await s.value("SELECT count(*) FROM calls WHERE call_sid = $1", call.call_sid)
                 out.check(recorded == 1, f"{how}: the call admitted while away was written back")
                 out.check(server.process.returncode is None, f"{how}: the server never exited")
-                check_logs(s, out, [number(1), number(2), number(3)])
+                check_logs(s, out, [number(1), number(2), number(3)], prefix=f"{how}: ")
             finally:
                 if how == "refused":
                     await late.close()
@@ -290,6 +290,10 @@ async def _until_ok(server: Server, timeout: float) -> bool:
     return False
 
 
+async def all_see(servers: list[Server], n: int) -> bool:
+    return all([await sv.metric("callgate_instances_alive") == n for sv in servers])
+
+
 async def burst_stall(*, calls: int = 300, over_s: float = 2.0, cap: int = 250, stall_s: float = 3.0) -> Outcome:
     """300 callers in 2 s across two instances sharing a cap of 250, with PostgreSQL stalled for
     3 s from half a second in: never more than the cap live, every admitted call recorded."""
@@ -297,6 +301,8 @@ async def burst_stall(*, calls: int = 300, over_s: float = 2.0, cap: int = 250, 
     async with stage() as s:
         env = {"RATE_LIMIT_MAX_CONCURRENT_CALLS": str(cap)}
         servers = [await s.server(**env), await s.server(**env)]
+        if not await s.until(lambda: all_see(servers, 2), 10):
+            out.check(False, "each instance counts both alive")
         live, peak = 0, 0
         streamed: list[str] = []
         refused = failed = 0

@@ -144,6 +144,7 @@ class Server:
         self.name, self.env, self.log_path = name, env, log_path
         self.port = free_port()
         self.process: asyncio.subprocess.Process | None = None
+        self.listening_after = float("nan")  # seconds from start() to its first answer
         self._http: aiohttp.ClientSession | None = None
 
     @property
@@ -169,6 +170,8 @@ class Server:
             if now() - began > START_TIMEOUT_S:
                 raise TimeoutError(f"{self.name} not {until} within {START_TIMEOUT_S} s")
             status, body, _ = await self.healthz()
+            if status and self.listening_after != self.listening_after:  # still NaN: the first answer
+                self.listening_after = now() - began
             if status and (until == "listening" or body.get("status") == "ok"):
                 return now() - began
             await asyncio.sleep(0.05)
@@ -378,6 +381,15 @@ class Stage:
 
     async def value(self, sql: str, *args: Any) -> Any:
         return (await self.query(sql, *args))[0][0]
+
+    async def until(self, predicate: Callable[[], Any], timeout: float) -> bool:
+        """Whether ``predicate()`` (awaited) became true within ``timeout`` s (polled every 0.1 s)."""
+        deadline = now() + timeout
+        while now() < deadline:
+            if await predicate():
+                return True
+            await asyncio.sleep(0.1)
+        return False
 
     def placed(self) -> list[str]:
         """CallSids Twilio's REST API placed."""

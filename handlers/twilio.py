@@ -32,6 +32,7 @@ from bridge import twilio as wire
 from bridge.call import Call
 from calls import admission, status
 from config import MAX_MESSAGE_BYTES
+from handlers.clients import client_ip
 from limiter.limiter import CHARGE_ID
 
 log = logging.getLogger("callgate.twilio")
@@ -177,7 +178,8 @@ async def _accept_start(request: web.Request) -> tuple[web.WebSocketResponse, wi
     sockets are always the oldest, and can never block the calls behind them."""
     lifecycle = request.app[LIFECYCLE]
     starting = lifecycle.starting
-    address = request.remote or "unknown"
+    # Behind Fly's proxy every stream comes from the proxy: its client's address is what counts.
+    address = client_ip(request)
     if sum(1 for a in starting.values() if a == address) >= MAX_STARTING_PER_ADDRESS:
         request.app[REFUSALS].warning("stream:per_address", "stream upgrade refused: %d sockets from one address "
                                       "wait for their start", MAX_STARTING_PER_ADDRESS)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import random
 from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from limiter.rules import Rules
 from server import create_app
 from tools.fake_realtime import FakeRealtime
 from tools.fake_twilio_api import FakeTwilioApi
-from tools.simulate_call import SimulatedCall
+from tools.simulate_call import SimulatedCall, quiet
 from tools.tcp_proxy import TcpProxy, proxied  # noqa: F401 - part of the tests' toolkit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,9 +214,8 @@ async def callgate(dsn: str, *, model: FakeRealtime | None = None, port: int = 0
 
 
 def quiet_pattern(seed: int, ms: int) -> bytes:
-    """Audio unique to one call, too quiet for any voice detector (μ-law codes near silence)."""
-    rng = random.Random(seed)
-    return bytes(rng.choice((0xF8, 0xF9, 0xFA, 0xFB, 0x78, 0x79, 0x7A, 0x7B)) for _ in range(ms * 8))
+    """Audio unique to one call, too quiet for any voice detector."""
+    return quiet(ms, seed)
 
 
 def is_ended(event: dict) -> bool:

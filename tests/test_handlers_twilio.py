@@ -391,6 +391,27 @@ async def test_one_address_cannot_hold_many_sockets_waiting_for_start(dsn, monke
     assert refused.value.response.status_code == 503
 
 
+async def test_behind_fly_waiting_sockets_are_counted_per_client_not_per_proxy(dsn, monkeypatch):
+    """Behind Fly's proxy every stream's peer is the proxy: sockets waiting for their start are
+    counted by Fly-Client-IP, so one client's idle sockets do not refuse another's stream."""
+    import handlers.twilio
+
+    monkeypatch.setattr(handlers.twilio, "MAX_STARTING_PER_ADDRESS", 2)
+    async with callgate(dsn, TRUST_FLY_CLIENT_IP="yes") as h:
+        idle = [h.call(audio=b"", from_=f"+1415555{3200 + i}") for i in range(3)]
+        for call in idle:
+            await call.webhook()
+        for call in idle[:2]:
+            await call.connect(send_start=False, headers={"Fly-Client-IP": "203.0.113.66"})
+        with pytest.raises(websockets.InvalidStatus):
+            await idle[2].connect(send_start=False, headers={"Fly-Client-IP": "203.0.113.66"})
+        real = h.call(from_="+14155553299")
+        await real.webhook()
+        await real.connect(headers={"Fly-Client-IP": "198.51.100.20"})
+        await real.wait_for_audio(800)
+        await real.stop()
+
+
 async def test_bad_and_too_fast_media_are_dropped_and_counted(dsn):
     """A malformed frame, and media far faster than a phone line sends it, are not relayed to
     the model; each is counted by reason in /metrics; the call goes on."""

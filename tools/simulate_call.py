@@ -19,8 +19,8 @@ A ``SimulatedCall`` does what Twilio does for a call, in Twilio's wire format:
     python tools/simulate_call.py --server http://127.0.0.1:8081 --auth-token TOKEN \\
         --from +14155550100 --to +14155550199 --audio tools/audio/hello.ulaw
 
-Audio helpers: ``load_audio(path)`` reads raw μ-law; ``tone(ms, freq)`` synthesises a
-μ-law sine (a stand-in for caller speech that an energy VAD detects) with a pure-Python
+Audio helpers: ``load_audio(path)`` reads raw μ-law; ``quiet(ms, seed)`` is unique audio no
+voice detector hears; ``tone(ms, freq)`` synthesises a μ-law sine (a stand-in for caller speech that an energy VAD detects) with a pure-Python
 encoder, since ``audioop`` is gone from Python 3.13.
 """
 
@@ -32,6 +32,7 @@ import base64
 import binascii
 import json
 import math
+import random
 import secrets
 import sys
 import uuid
@@ -85,6 +86,13 @@ def tone(ms: int, freq: float = 440, amplitude: float = 0.5) -> bytes:
 def silence(ms: int) -> bytes:
     """``ms`` milliseconds of μ-law silence."""
     return bytes([MULAW_SILENCE]) * (ms * BYTES_PER_MS)
+
+
+def quiet(ms: int, seed: int = 0) -> bytes:
+    """``ms`` of audio unique to ``seed``, too quiet for any voice detector (μ-law codes near
+    silence): a caller whose every frame can be told apart, who never takes a turn."""
+    rng = random.Random(seed)
+    return bytes(rng.choice((0xF8, 0xF9, 0xFA, 0xFB, 0x78, 0x79, 0x7A, 0x7B)) for _ in range(ms * BYTES_PER_MS))
 
 
 def frames(audio: bytes) -> list[bytes]:
@@ -421,13 +429,14 @@ class SimulatedCall:
     async def connect(self, stream_url: str | None = None,
                       parameters: dict[str, str] | None = None, *,
                       start_call_sid: str | None = None, send_start: bool = True,
-                      open_timeout: float = 5) -> None:
+                      open_timeout: float = 5, headers: dict[str, str] | None = None) -> None:
         """Open the Media Stream and send ``connected`` and ``start``.
 
         ``stream_url`` and ``parameters`` default to the TwiML's; ``parameters`` becomes
         ``start.customParameters`` and ``start_call_sid`` overrides ``start.callSid``
         (tests use both to present bad tokens). ``send_start=False`` sends only
-        ``connected``. The handshake is signed over ``stream_url`` exactly as given.
+        ``connected``. The handshake is signed over ``stream_url`` exactly as given;
+        ``headers`` are added to it (say Fly-Client-IP, as Fly's proxy adds).
         Raises websockets' InvalidStatus if the server refuses the upgrade.
         """
         stream_url = stream_url or (self.twiml.stream_url if self.twiml else None)
@@ -437,7 +446,7 @@ class SimulatedCall:
             parameters = dict(self.twiml.parameters) if self.twiml else {}
         self.stream_url = stream_url
         self._check_stream_url(stream_url)
-        headers = {}
+        headers = dict(headers or {})
         if self._validator is not None:
             headers["X-Twilio-Signature"] = self._validator.compute_signature(stream_url, {}, self._algorithm)
             headers.update(self._signature_headers)

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.soak import database  # noqa: E402
+from bench.soak import calls, database, instances  # noqa: E402
 from bench.soak.stage import Outcome  # noqa: E402
 
 SCENARIOS: dict[str, Callable[[], Awaitable[Outcome]]] = {
@@ -35,6 +35,12 @@ SCENARIOS: dict[str, Callable[[], Awaitable[Outcome]]] = {
     "black-hole": database.black_hole,
     "down-at-start": database.down_at_start,
     "burst-stall": database.burst_stall,
+    "model-faults": calls.model_faults,
+    "twilio-faults": calls.twilio_faults,
+    "soak": calls.soak,
+    "replays": calls.replays,
+    "sigterm": instances.sigterm,
+    "sigkill": instances.sigkill,
 }
 DOCS = ROOT / "docs" / "reliability.md"
 

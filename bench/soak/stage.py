@@ -42,6 +42,7 @@ import aiohttp  # noqa: E402
 import asyncpg  # noqa: E402
 import orjson  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from twilio.request_validator import RequestValidator  # noqa: E402
 
 from config import VARIABLES  # noqa: E402
 from db.embedded import EmbeddedPostgres  # noqa: E402
@@ -366,6 +367,10 @@ class Stage:
         self.calls.append(call)
         return call
 
+    def sign(self, path: str, form: dict[str, str]) -> str:
+        """X-Twilio-Signature of a request to ``path`` with ``form``, as Twilio signs it."""
+        return RequestValidator(AUTH_TOKEN).compute_signature(PUBLIC_URL + path, form)
+
     async def frontend(self, server: Server, address: str | None = None) -> Frontend:
         client = await Frontend.open(server, address)
         self.frontends.append(client)
@@ -415,6 +420,7 @@ async def stage(*, model: FakeRealtime | None = None) -> AsyncIterator[Stage]:
         try:
             async with proxied(postgres.dsn) as proxy, FakeTwilioApi(auth_token=AUTH_TOKEN) as api:
                 if model is not None:
+                    model.api_key = MODEL_KEY  # what the servers are given
                     await model.start()
                 s = Stage(Path(folder), postgres, proxy, api, model)
                 try:

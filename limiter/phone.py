@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -66,10 +67,17 @@ def parse(raw: object, *, default_region: str, allowed_regions: Iterable[str]) -
 def _parse(text: str, default_region: str, allowed: frozenset[str]) -> PhoneNumber:
     if len(text) > MAX_INPUT_LENGTH:
         raise InvalidNumber("unparseable", "that is too long to be a phone number")
+    # phonenumbers skips what it does not understand; a control character (a NUL, a newline
+    # before a second number) is never part of a number someone typed.
+    if any(unicodedata.category(ch).startswith("C") for ch in text):
+        raise InvalidNumber("unparseable", "that has characters a phone number does not")
     try:
         parsed = phonenumbers.parse(text, default_region)
     except phonenumbers.NumberParseException:
         raise InvalidNumber("unparseable", "that is not a phone number") from None
+    if parsed.extension:
+        # We would dial the main number and never the extension: say so rather than call it.
+        raise InvalidNumber("not_callable", "numbers with an extension cannot be called: send the number alone")
     region = phonenumbers.region_code_for_number(parsed) or ""
     if _is_emergency_or_short(text, parsed, region or default_region):
         raise InvalidNumber("not_callable", "emergency and short-code numbers cannot be called")

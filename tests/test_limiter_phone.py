@@ -17,9 +17,10 @@ def p(raw, default_region="US", allowed=ALLOWED):
     return parse(raw, default_region=default_region, allowed_regions=allowed)
 
 
-@pytest.mark.parametrize("raw", ["+1 (415) 555-0100", "4155550100", "+14155550100", "1-415-555-0100"])
+@pytest.mark.parametrize("raw", ["+1 (415) 555-0100", "4155550100", "+14155550100", "1-415-555-0100",
+                                 "+١٤١٥٥٥٥٠١٠٠"])
 def test_common_formats_normalise_to_e164(raw):
-    """Ways people write one US number all become +14155550100."""
+    """Ways people write one US number (Arabic-Indic digits too) all become +14155550100."""
     assert p(raw).e164 == "+14155550100"
 
 
@@ -35,6 +36,10 @@ def test_common_formats_normalise_to_e164(raw):
         ("+1415555", "invalid"),
         ("call me", "unparseable"),
         ("9" * 70, "unparseable"),
+        ("+14155550100\x00", "unparseable"),
+        ("+14155550100\n+19005550100", "unparseable"),
+        ("+14155550100;ext=9001", "not_callable"),
+        ("+1 415 555 0100 x12", "not_callable"),
         (None, "missing"),
         (14155550100, "missing"),
     ],

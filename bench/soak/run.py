@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.soak import calls, database, instances  # noqa: E402
+from bench.soak import abuse, calls, database, instances  # noqa: E402
 from bench.soak.stage import Outcome  # noqa: E402
 
 SCENARIOS: dict[str, Callable[[], Awaitable[Outcome]]] = {
@@ -41,6 +41,7 @@ SCENARIOS: dict[str, Callable[[], Awaitable[Outcome]]] = {
     "replays": calls.replays,
     "sigterm": instances.sigterm,
     "sigkill": instances.sigkill,
+    "floods": abuse.floods,
 }
 DOCS = ROOT / "docs" / "reliability.md"
 

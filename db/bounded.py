@@ -104,7 +104,11 @@ class DatabaseGate:
             await conn.fetchval(self._probe_sql)
 
         try:
-            # A migration may wait for another instance's: it gets longer than one statement.
+            if not self.migrated:
+                # First whether it answers at all, within one timeout (a black hole at start must
+                # not keep the server from listening); then the migration, which may wait for
+                # another instance's, with longer than one statement.
+                await run_bounded(self.pool, lambda conn: conn.fetchval(self._probe_sql), self._timeout)
             await run_bounded(self.pool, check, self._timeout if self.migrated else max(self._timeout, 30.0))
         except DatabaseAway as exc:
             self._set(False, exc)

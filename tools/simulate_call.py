@@ -548,6 +548,18 @@ class SimulatedCall:
             pass  # the server closed first: nothing more to say
         await self._reader_done()
 
+    async def close_stream(self, code: int = 1000, reason: str = "") -> None:
+        """Close the socket with no ``stop`` first (a Twilio side that goes away without one);
+        waits for the close."""
+        if self._ws is None:
+            return
+        await self._ws.close(code, reason)
+        await self._reader_done()
+
+    async def send_raw(self, frame: str | bytes) -> None:
+        """Send any frame as it is: to misbehave on purpose (garbage, a second ``stop``)."""
+        await self._ws.send(frame)
+
     async def drop(self) -> None:
         """Lose the connection: abort TCP with no ``stop`` and no close frame."""
         if self._ws is None:

@@ -7,7 +7,6 @@ through, nothing is placed or charged, every refusal is precise and cheap.
 from __future__ import annotations
 
 import asyncio
-import json
 
 import aiohttp
 import websockets
@@ -18,6 +17,7 @@ from bench.soak.stage import ADMIN_TOKEN, AUTH_TOKEN, PUBLIC_URL, Frontend, Outc
 from handlers.twilio import MAX_STARTING_PER_ADDRESS, START_TIMEOUT_S
 from lifecycle import ADMIN_GUESSES_PER_MIN, HANDSHAKE_BURST, HANDSHAKES_PER_S
 from tools.fake_realtime import FakeRealtime
+from tools.simulate_call import quiet
 
 ATTACKER = "203.0.113.66"
 # call.start numbers that must never be dialled: premium rate, satellite and international
@@ -158,18 +158,14 @@ async def _fraud_numbers(s, server: Server, out: Outcome) -> None:
 
 async def _media_flood(s, server: Server, out: Outcome) -> None:
     """One stream sends 4000 media frames back to back (80 s of audio in a moment)."""
-    flooder = s.call(server, number(2))
+    flooder = s.call(server, number(2), speed=1000.0)  # its media clock: 50,000 frames a second
     neighbour = s.call(server, number(3))
     for call in (flooder, neighbour):
         await call.webhook()
         await call.connect()
         await call.wait_for_audio(1, timeout=10)
     before = await server.metric("callgate_stream_frames_rejected_total", reason="too_fast")
-    for i in range(4000):
-        await flooder._send_event("media", media={"track": "inbound", "chunk": str(i + 1),
-                                                  "timestamp": str(i * 20), "payload": "/" * 212 + "8="})
-    await flooder._send_event("media", media={"track": "inbound", "chunk": "0", "timestamp": "0",
-                                              "payload": json.dumps("x")})
+    await flooder.play(quiet(80_000, seed=5), tail_silence_ms=0)  # 4,000 frames
 
     async def counted() -> bool:
         return await server.metric("callgate_stream_frames_rejected_total", reason="too_fast") > before

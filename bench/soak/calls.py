@@ -139,7 +139,7 @@ async def _model_round(s: Stage, server: Server, watcher: Frontend, out: Outcome
 
 async def _raw(call: SimulatedCall, *messages: dict | str) -> None:
     for m in messages:
-        await call._ws.send(m if isinstance(m, str) else json.dumps(m))
+        await call.send_raw(m if isinstance(m, str) else json.dumps(m))
 
 
 def _stop(call: SimulatedCall) -> dict:
@@ -149,12 +149,12 @@ def _stop(call: SimulatedCall) -> dict:
 
 TWILIO_FAULTS: dict[str, Callable[[SimulatedCall], Awaitable[None]]] = {
     "TCP cut, no stop": lambda c: c.drop(),
-    "close without stop": lambda c: c._ws.close(),
+    "close without stop": lambda c: c.close_stream(),
     "stop twice": lambda c: _raw(c, _stop(c), _stop(c)),
     "media after stop": lambda c: _raw(c, _stop(c), {"event": "media", "streamSid": c.stream_sid,
                                                     "media": {"payload": "//8="}}),
     "garbage, then stop": lambda c: _raw(c, "not json", "[1,2]", b"\x00\x01".decode(), _stop(c)),
-    "close with an error code": lambda c: c._ws.close(1011, "twilio went away"),
+    "close with an error code": lambda c: c.close_stream(1011, "twilio went away"),
     "stop during the greeting": lambda c: c.stop(),
 }
 

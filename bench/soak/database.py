@@ -239,6 +239,8 @@ async def down_at_start() -> Outcome:
             dsn = s.proxy.dsn.replace(f":{s.proxy.port}/", f":{port}/")
             server = await s.server(until="listening", DATABASE_URL=dsn)
             out.figures[f"{how}: listening after"] = f"{server.listening_after:.1f} s"
+            out.check(server.listening_after <= TIMEOUT_S + SLACK_S,
+                      f"{how}: listening within one timeout ({server.listening_after:.1f} s)")
             status, body, took = await server.healthz()
             out.check(status == 200 and body.get("status") == "degraded" and took < HEALTH_FAST_S,
                       f"{how}: listening, /healthz 200 degraded in {took * 1000:.0f} ms")

@@ -213,6 +213,26 @@ async def callgate(dsn: str, *, model: FakeRealtime | None = None, port: int = 0
 
 
 
+async def silent_call(h: Harness, **call_kwargs) -> tuple[SimulatedCall, Any]:
+    """A caller who says nothing, its stream open: the call and its model session."""
+    call = h.call(audio=b"", **call_kwargs)
+    await call.webhook()
+    await call.connect()
+    return call, await h.model.wait_for_session()
+
+
+async def silent_call_to_its_end(h: Harness, timeout: float = 10, **call_kwargs) -> tuple[SimulatedCall, Any, list[dict]]:
+    """A caller who says nothing, from the webhook to the call's end: the call, its model
+    session, and the call's bus events up to its ``ended``."""
+    call = h.call(audio=b"", **call_kwargs)
+    await call.webhook()
+    with collect(h.bus, call.call_sid) as sub:
+        await call.connect()
+        session = await h.model.wait_for_session()
+        events = await until(sub, is_ended, timeout=timeout)
+    return call, session, events
+
+
 def quiet_pattern(seed: int, ms: int) -> bytes:
     """Audio unique to one call, too quiet for any voice detector."""
     return quiet(ms, seed)

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from appkeys import CALL_STORE, LIFECYCLE, METRICS
-from helpers import callgate, collect, hangups, is_ended, quiet_pattern, until, wait_until
+from helpers import callgate, collect, hangups, is_ended, quiet_pattern, silent_call_to_its_end, until, wait_until
 from tools.fake_realtime import FakeRealtime
 from tools.simulate_call import silence, tone
 
@@ -138,13 +138,8 @@ async def test_the_time_limit_wraps_up_then_ends_the_call(dsn):
     """Near the session limit the agent is asked to wrap up; at the limit the call ends and is
     hung up over REST."""
     async with FakeRealtime() as model, callgate(dsn, model=model, RATE_LIMIT_SESSION_DURATION="1200") as h:
-        call = h.call(audio=b"")
-        await call.webhook()
-        with collect(h.bus, call.call_sid) as sub:
-            await call.connect()
-            session = await model.wait_for_session()
-            events = await until(sub, is_ended, timeout=10)
-            items = [e for e in session.events_in if e["type"] == "conversation.item.create"]
+        call, session, events = await silent_call_to_its_end(h)
+        items = [e for e in session.events_in if e["type"] == "conversation.item.create"]
         await call.wait_closed()
     assert events[-1]["reason"] == "time_limit"
     assert any("nearly up" in str(item) for item in items)
@@ -264,13 +259,8 @@ async def test_a_silent_twilio_leg_ends_the_call(dsn, monkeypatch):
 
     monkeypatch.setattr(bridge.call, "CALLER_IDLE_TIMEOUT_S", 0.5)
     async with FakeRealtime() as model, callgate(dsn, model=model) as h:
-        call = h.call(audio=b"")
-        await call.webhook()
-        with collect(h.bus, call.call_sid) as sub:
-            await call.connect()  # then sends nothing at all
-            session = await model.wait_for_session()
-            events = await until(sub, is_ended, timeout=5)
-            await asyncio.wait_for(session.closed.wait(), timeout=5)
+        call, session, events = await silent_call_to_its_end(h, timeout=5)  # it sends nothing at all
+        await asyncio.wait_for(session.closed.wait(), timeout=5)
     assert events[-1]["reason"] == "stream_closed"
 
 

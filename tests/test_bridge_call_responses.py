@@ -11,7 +11,7 @@ import pytest
 
 import bridge.call
 from bridge.call import APOLOGY
-from helpers import callgate, collect, hangups, is_ended, until
+from helpers import callgate, collect, hangups, is_ended, silent_call, silent_call_to_its_end, until
 from scenarios import DEFAULT_SCENARIO, SCENARIOS
 from tools.fake_realtime import FakeRealtime
 from tools.realtime_types import check_client_event
@@ -41,10 +41,7 @@ async def test_a_failed_greeting_is_asked_for_again_and_heard(dsn, quick_retries
     caller hears it; the call goes on."""
     async with FakeRealtime(response_faults={0: "server_error"}, reply_audio=reply({1: 500})) as model, \
             callgate(dsn, model=model) as h:
-        call = h.call(audio=b"")
-        await call.webhook()
-        await call.connect()
-        session = await model.wait_for_session()
+        call, session = await silent_call(h)
         await call.wait_for_audio(4000)
         assert len(of_type(session.events_in, "response.create")) == 2
         assert bytes(call.received_audio[:4000]) == reply({1: 500})(0, 1)
@@ -59,12 +56,7 @@ async def test_when_every_response_fails_the_caller_hears_an_apology_and_the_cal
     up, and the log names the error's code and type, and no number."""
     caplog.set_level(logging.INFO)
     async with FakeRealtime(response_fault=fault) as model, callgate(dsn, model=model) as h:
-        call = h.call(audio=b"", from_="+14155550142")
-        await call.webhook()
-        with collect(h.bus, call.call_sid) as sub:
-            await call.connect()
-            session = await model.wait_for_session()
-            events = await until(sub, is_ended, timeout=10)
+        call, session, events = await silent_call_to_its_end(h, from_="+14155550142")
         await call.wait_closed()
     assert events[-1]["reason"] == "model_failed"
     assert len(of_type(session.events_in, "response.create")) == 1 + len(bridge.call.RESPONSE_RETRY_DELAYS_S)
@@ -81,10 +73,7 @@ async def test_a_reply_stopped_by_the_content_filter_is_followed_by_a_redirect(d
     steers back; the caller hears it and the call goes on."""
     async with FakeRealtime(response_faults={0: "content_filter"}, reply_audio=reply({0: 1000, 1: 300})) as model, \
             callgate(dsn, model=model) as h:
-        call = h.call(audio=b"")
-        await call.webhook()
-        await call.connect()
-        session = await model.wait_for_session()
+        call, session = await silent_call(h)
         await call.wait_for_audio(4000 + 2400)  # half the cut greeting, then all of the next reply
         notes = [e["item"]["content"][0]["text"] for e in of_type(session.events_in, "conversation.item.create")
                  if e["item"].get("role") == "system"]
@@ -99,12 +88,7 @@ async def test_a_call_whose_replies_are_all_filtered_ends_as_content_filter(dsn)
     """Three replies in one call stopped by the content filter: the caller hears the apology
     and the call ends with reason content_filter."""
     async with FakeRealtime(response_fault="content_filter") as model, callgate(dsn, model=model) as h:
-        call = h.call(audio=b"")
-        await call.webhook()
-        with collect(h.bus, call.call_sid) as sub:
-            await call.connect()
-            session = await model.wait_for_session()
-            events = await until(sub, is_ended, timeout=10)
+        call, session, events = await silent_call_to_its_end(h)
     assert events[-1]["reason"] == "content_filter"
     assert len(of_type(session.events_in, "response.create")) == bridge.call.MAX_FILTERED_RESPONSES
     assert bytes(call.received_audio).endswith(APOLOGY)
@@ -115,10 +99,7 @@ async def test_a_reply_out_of_tokens_is_continued_once(dsn):
     that runs out too is left as it is (no loop of responses); the call goes on."""
     async with FakeRealtime(response_fault="max_output_tokens", reply_audio=reply({}, 1000)) as model, \
             callgate(dsn, model=model) as h:
-        call = h.call(audio=b"")
-        await call.webhook()
-        await call.connect()
-        session = await model.wait_for_session()
+        call, session = await silent_call(h)
         await call.wait_for_audio(2 * 4000)  # half of each of the two responses
         await session.wait_for_event("response.create")
         await session.wait_for_event("response.create")
@@ -135,12 +116,7 @@ async def test_the_wrap_up_asked_mid_reply_waits_for_it_and_the_goodbye_plays(ds
     audio = reply({0: 5000, 1: 300})
     async with FakeRealtime(reply_audio=audio, pace=1.0) as model, \
             callgate(dsn, model=model, RATE_LIMIT_SESSION_DURATION="6000") as h:  # wrap-up at 4.5 s
-        call = h.call(audio=b"")
-        await call.webhook()
-        with collect(h.bus, call.call_sid) as sub:
-            await call.connect()
-            session = await model.wait_for_session()
-            events = await until(sub, is_ended, timeout=10)
+        call, session, events = await silent_call_to_its_end(h)
     assert events[-1]["reason"] == "time_limit"
     assert [e["error"]["code"] for e in of_type(session.events_out, "error")] == []
     assert bytes(call.received_audio) == audio(0, 0) + audio(0, 1)  # the reply, then the goodbye
@@ -154,10 +130,7 @@ async def test_a_keypress_gets_an_answer(dsn):
     the caller hears it without saying a word."""
     audio = reply({0: 300, 1: 400})
     async with FakeRealtime(reply_audio=audio) as model, callgate(dsn, model=model) as h:
-        call = h.call(audio=b"")
-        await call.webhook()
-        await call.connect()
-        session = await model.wait_for_session()
+        call, session = await silent_call(h)
         await call.wait_for_played(2400)
         await call.send_dtmf("1")
         await call.wait_for_audio(2400 + 3200)
@@ -172,10 +145,7 @@ async def test_a_keypress_during_a_reply_is_answered_after_it(dsn):
     not refused and lost; the caller hears the whole reply, then the answer."""
     audio = reply({0: 2000, 1: 400})
     async with FakeRealtime(reply_audio=audio, pace=1.0) as model, callgate(dsn, model=model) as h:
-        call = h.call(audio=b"")
-        await call.webhook()
-        await call.connect()
-        session = await model.wait_for_session()
+        call, session = await silent_call(h)
         await call.wait_for_audio(1600)  # the greeting is under way
         await call.send_dtmf("#")
         await call.wait_for_audio(16000 + 3200, timeout=10)
@@ -207,10 +177,7 @@ async def test_the_greeting_keeps_the_scenario_persona(dsn):
     rules), not replaced by instructions on its response.create; it still says the
     scenario's greeting."""
     async with FakeRealtime() as model, callgate(dsn, model=model) as h:
-        call = h.call(audio=b"")
-        await call.webhook()
-        await call.connect()
-        session = await model.wait_for_session()
+        call, session = await silent_call(h)
         create = await session.wait_for_event("response.create")
         await call.wait_for_audio(8000)
         await call.stop()
@@ -255,10 +222,7 @@ async def test_a_keypress_during_a_response_that_fails_is_still_answered(dsn, qu
     audio = reply({1: 400})
     async with FakeRealtime(response_faults={0: "server_error"}, reply_audio=audio, pace=1.0, chunk_ms=300) as model, \
             callgate(dsn, model=model) as h:
-        call = h.call(audio=b"")
-        await call.webhook()
-        await call.connect()
-        session = await model.wait_for_session()
+        call, session = await silent_call(h)
         await session.wait_for_event("response.create")  # the greeting's: it fails 300 ms later
         await call.send_dtmf("3")
         await call.wait_for_audio(3200, timeout=10)
@@ -284,10 +248,7 @@ async def test_a_conversation_item_the_model_refuses_does_not_make_the_bridge_as
 
     monkeypatch.setattr(fake_realtime.FakeSession, "_on_item_create", refuse_user_items)
     async with FakeRealtime(reply_audio=reply({0: 200}, 200)) as model, callgate(dsn, model=model) as h:
-        call = h.call(audio=b"")
-        await call.webhook()
-        await call.connect()
-        session = await model.wait_for_session()
+        call, session = await silent_call(h)
         await call.wait_for_played(1600)
         await call.send_dtmf("1")
         await session.wait_for_event("response.create")  # the greeting's
@@ -303,10 +264,7 @@ async def test_each_reply_out_of_tokens_gets_its_continuation(dsn):
     each gets its one continuation (the rule is once per cut, not once per call)."""
     async with FakeRealtime(response_faults={0: "max_output_tokens", 2: "max_output_tokens"},
                             reply_audio=reply({}, 400)) as model, callgate(dsn, model=model) as h:
-        call = h.call(audio=b"")
-        await call.webhook()
-        await call.connect()
-        session = await model.wait_for_session()
+        call, session = await silent_call(h)
         await call.wait_for_audio(1600 + 3200)  # half the greeting, then its whole continuation
         await call.play(tone(300, freq=500) + silence(600), tail_silence_ms=0)  # response 2, cut
         continuations = 0

@@ -4,6 +4,7 @@ stream is on another (events travel over LISTEN/NOTIFY)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import aiohttp
@@ -17,20 +18,28 @@ from db.sql import Queries
 from helpers import callgate, collect
 from tools.fake_realtime import FakeRealtime
 
+ORIGIN = "https://callgate.test"
+
 
 async def wait_listening(h) -> None:
     await asyncio.wait_for(h.app[FANOUT].listening.wait(), timeout=10)
 
 
+@contextlib.asynccontextmanager
+async def two_instances(dsn, model: FakeRealtime):
+    """Instances A and B on one PostgreSQL, both listening for the other's events, and an HTTP
+    session for B's browsers (their origin allowed)."""
+    async with callgate(dsn, model=model, ALLOWED_ORIGINS=ORIGIN) as a, \
+            callgate(dsn, model=model, ALLOWED_ORIGINS=ORIGIN) as b, aiohttp.ClientSession() as http:
+        await wait_listening(a)
+        await wait_listening(b)
+        yield a, b, http
+
+
 async def test_a_browser_follows_a_call_on_another_instance(dsn):
     """The stream is on instance A, the browser on instance B: B's subscriber sees the call's
     status and transcript, once each."""
-    async with FakeRealtime(reply_text="Hello from A.") as model, \
-            callgate(dsn, model=model, ALLOWED_ORIGINS="https://callgate.test") as a, \
-            callgate(dsn, model=model, ALLOWED_ORIGINS="https://callgate.test") as b, \
-            aiohttp.ClientSession() as http:
-        await wait_listening(a)
-        await wait_listening(b)
+    async with FakeRealtime(reply_text="Hello from A.") as model, two_instances(dsn, model) as (a, b, http):
         call = a.call(audio=b"")
         await call.webhook()
         token = tokens.subscription_token(b.app[TOKEN_SECRET], call.call_sid)
@@ -66,12 +75,7 @@ def test_big_batches_are_split_under_the_notify_limit():
 async def test_call_end_sent_to_another_instance_ends_the_call_where_it_streams(dsn):
     """The stream is on A; call.end reaches B: B routes it to A, which ends the call as
     ended_by_client (not as Twilio's later stop would), and B's browser sees that reason."""
-    async with FakeRealtime() as model, \
-            callgate(dsn, model=model, ALLOWED_ORIGINS="https://callgate.test") as a, \
-            callgate(dsn, model=model, ALLOWED_ORIGINS="https://callgate.test") as b, \
-            aiohttp.ClientSession() as http:
-        await wait_listening(a)
-        await wait_listening(b)
+    async with FakeRealtime() as model, two_instances(dsn, model) as (a, b, http):
         call = a.call(audio=b"")
         await call.webhook()
         await call.connect()

@@ -12,7 +12,7 @@ from twilio.request_validator import RequestValidator
 
 from appkeys import CALL_STORE, LIMITER, METRICS, TOKEN_SECRET
 from bridge import tokens
-from helpers import AUTH_TOKEN, PUBLIC_URL, callgate, collect, wait_until
+from helpers import AUTH_TOKEN, PUBLIC_URL, callgate, collect, silent_call, wait_until
 from tools.fake_realtime import FakeRealtime
 
 
@@ -216,10 +216,7 @@ async def test_status_callback_bad_input_is_400(dsn):
 async def test_dtmf_reaches_the_model_as_text(dsn):
     """A keypad press becomes a user message for the model."""
     async with FakeRealtime() as model, callgate(dsn, model=model) as h:
-        call = h.call(audio=b"")
-        await call.webhook()
-        await call.connect()
-        session = await model.wait_for_session()
+        call, session = await silent_call(h)
         await call.wait_for_audio(800)
         await call.send_dtmf("7")
         await session.wait_for_event("conversation.item.create")  # the greeting's note

@@ -234,6 +234,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("ADMIN_TOKEN", None, "bearer token for admin routes and the all-calls monitor", _secret, "admin_token", True),
     Variable("LOG_FORMAT", "text", "text, or json for one JSON object per line", _choice("text", "json"), "log_format"),
     Variable("LOG_LEVEL", "info", "debug, info, warning or error", _choice("debug", "info", "warning", "error"), "log_level"),
+    Variable("EVENT_LOOP", "uvloop", "uvloop (falls back to asyncio's own when uvloop is not installed) or asyncio", _choice("uvloop", "asyncio"), "event_loop"),
 )
 
 
@@ -285,6 +286,7 @@ class Settings:
     admin_token: Secret | None
     log_format: str
     log_level: str
+    event_loop: str
     # Warnings found while reading (e.g. the development phone key); logged at start.
     warnings: tuple[str, ...] = ()
 

@@ -360,16 +360,30 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # an operator command: say what failed, no traceback
             print(f"admin {args.action} failed: {exc}", file=sys.stderr)
             return 1
-    log.info("Callgate %s starting on %s:%d (public URL %s, %s)", VERSION, args.host, settings.port,
-             settings.public_url, settings.env)
+    log.info("Callgate %s starting on %s:%d (public URL %s, %s, event loop %s)", VERSION, args.host,
+             settings.port, settings.public_url, settings.env, settings.event_loop)
     if not settings.openai_api_key:
         log.warning("OPENAI_API_KEY is not set: calls are answered by the OFFLINE agent "
                     "(it plays the caller's words back). Set OPENAI_API_KEY for the real model.")
     if not settings.twilio_auth_token:
         log.warning("TWILIO_AUTH_TOKEN is not set: Twilio requests are NOT signature-checked "
                     "and calls are not hung up over REST. Never run like this in public.")
-    asyncio.run(serve(settings, args.host))
+    run(serve(settings, args.host), settings.event_loop)
     return 0
+
+
+def run(coro, event_loop: str) -> None:
+    """asyncio.run on uvloop when asked for and installed: it halves the event loop's own cost
+    per frame (bench/calls.py), which is most of a relay's CPU."""
+    if event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("EVENT_LOOP=uvloop but uvloop is not installed: running on asyncio's own loop")
+        else:
+            uvloop.run(coro)
+            return
+    asyncio.run(coro)
 
 
 if __name__ == "__main__":

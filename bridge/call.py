@@ -10,11 +10,11 @@ for the active one to finish (``bridge/responses.py``). A response that fails is
 again after each back-off of RESPONSE_RETRY_DELAYS_S; when the last fails, or the connection
 breaks, the caller hears a recorded apology and the call ends as ``model_failed``.
 
-Barge-in: after each audio chunk sent to Twilio we send a named mark; Twilio echoes a mark
-when the audio before it has played, so echoed marks count the bytes actually heard per model
-item. When the caller starts speaking while marks are outstanding we send ``clear`` and
-truncate the playing item at min(played, produced) ms. Marks that Twilio echoes for the audio
-it cleared are ignored (they were dropped from the outstanding set).
+Barge-in: after every 100 ms or so of audio sent to Twilio we send a named mark
+(``bridge/playout.py``); Twilio echoes a mark when the audio before it has played, so echoed
+marks count the bytes actually heard per model item. When the caller starts speaking while
+audio is unheard we send ``clear`` and truncate the playing item at min(played, produced) ms.
+Marks that Twilio echoes for the audio it cleared are ignored.
 """
 
 from __future__ import annotations
@@ -26,13 +26,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from bridge import events, functions, mulaw, realtime, twilio
+from bridge.playout import Playout
 from bridge.realtime_client import ModelConnection, ModelConnector, ModelError
 from bridge.responses import ASK_PREFIX, ITEM_EVENT_PREFIX, MAX_SENDS, Asker, Outcome
 from config import CLOSE_TIMEOUT_S
@@ -102,18 +103,6 @@ class CallServices:
     count_rejected_frame: Callable[[str], None] = lambda reason: None
 
 
-@dataclass
-class _Playout:
-    """What the caller has heard of each model item, from echoed marks."""
-
-    outstanding: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # mark → (item, content, bytes)
-    played: collections.Counter = field(default_factory=collections.Counter)    # item → bytes heard
-    produced: collections.Counter = field(default_factory=collections.Counter)  # item → bytes sent
-    interrupted: set[str] = field(default_factory=set)  # items cut by barge-in: drop late deltas
-    seq: int = 0
-    played_out: asyncio.Event = field(default_factory=asyncio.Event)  # set: nothing outstanding
-
-
 class Call:
     def __init__(self, twilio_ws: web.WebSocketResponse, setup: CallSetup, services: CallServices) -> None:
         self.twilio_ws = twilio_ws
@@ -124,8 +113,8 @@ class Call:
         self._model: ModelConnection | None = None
         self._ready = False
         self._pre_ready: collections.deque[str] = collections.deque(maxlen=PRE_READY_FRAMES)
-        self._playout = _Playout()
-        self._playout.played_out.set()
+        self._playout = Playout()
+        self._checked_item: str | None = None  # the last item id found safe to put in a mark
         self._end_requested = asyncio.Event()
         self._end_after_goodbye: str | None = None  # set by the end_call tool: why the call ends
         self._asker = Asker()
@@ -291,7 +280,7 @@ class Call:
                 else:
                     self._pre_ready.append(event.payload)  # relayed (and counted) once ready
             elif isinstance(event, twilio.Mark):
-                self._on_mark(event.name)
+                self._playout.heard(event.name)
             elif isinstance(event, twilio.Dtmf):
                 log.info("call %s: keypad press", self.call_sid)  # never the digit: PINs, card numbers
                 # The model answers a text item only when asked: a keypress needs its answer.
@@ -312,15 +301,6 @@ class Call:
         if reason not in self._rejected:
             self._rejected.add(reason)
             log.warning("call %s: %s from the stream, dropped (and any more like it)", self.call_sid, what)
-
-    def _on_mark(self, name: str) -> None:
-        entry = self._playout.outstanding.pop(name, None)
-        if entry is None:
-            return  # echoed for audio we cleared, or not ours
-        item_id, _, nbytes = entry
-        self._playout.played[item_id] += nbytes
-        if not self._playout.outstanding:
-            self._playout.played_out.set()
 
     # --- model → caller -------------------------------------------------------------------
 
@@ -383,8 +363,11 @@ class Call:
             response_id = str((event.get("response") or {}).get("id", ""))
             if self._asker.created(response_id) and self._goodbye_asked:
                 self._goodbye_asked, self._goodbye_response = False, response_id
+        elif kind == "response.output_audio.done":
+            await self._mark_tail()
         elif kind == "response.done":
             self._awaiting_response = None
+            await self._mark_tail()
             await self._on_response_done(Outcome.of(event))
         elif kind in ("input_audio_buffer.speech_stopped", "input_audio_buffer.committed"):
             # Server VAD answers a finished turn by itself: a response should start shortly,
@@ -492,31 +475,38 @@ class Call:
     async def _play(self, event: dict[str, Any]) -> None:
         item_id = event.get("item_id")
         payload = event.get("delta")
-        if not isinstance(item_id, str) or not isinstance(payload, str) or item_id in self._playout.interrupted:
+        p = self._playout
+        if not isinstance(item_id, str) or not isinstance(payload, str) or item_id in p.interrupted:
             return
-        if not realtime.is_base64(payload) or not twilio.safe_id(item_id):
+        if item_id != self._checked_item:  # (an item has hundreds of deltas: check its id once)
+            if not twilio.safe_id(item_id):
+                log.warning("call %s: audio delta for a malformed item id dropped", self.call_sid)
+                return
+            self._checked_item = item_id
+        if not realtime.is_base64(payload):
             log.warning("call %s: malformed audio delta dropped", self.call_sid)
             return
-        nbytes = realtime.base64_len(payload)
-        p = self._playout
-        p.seq += 1
-        name = f"{item_id}.{p.seq}"
-        p.produced[item_id] += nbytes
-        p.outstanding[name] = (item_id, int(event.get("content_index", 0) or 0), nbytes)
-        p.played_out.clear()
         stream_sid = self.setup.stream_sid
+        tail = p.flush(item_id)  # the previous item's last audio gets its own mark
+        if tail is not None:
+            await self.twilio_ws.send_str(twilio.mark(stream_sid, tail))
         await self.twilio_ws.send_str(twilio.media(stream_sid, payload))
-        await self.twilio_ws.send_str(twilio.mark(stream_sid, name))
+        name = p.sent(item_id, int(event.get("content_index", 0) or 0), realtime.base64_len(payload))
+        if name is not None:
+            await self.twilio_ws.send_str(twilio.mark(stream_sid, name))
+
+    async def _mark_tail(self) -> None:
+        """A response's audio is complete: its last chunks get their mark now (the goodbye's
+        end is known by it), not when more audio comes."""
+        name = self._playout.flush()
+        if name is not None:
+            await self.twilio_ws.send_str(twilio.mark(self.setup.stream_sid, name))
 
     async def _barge_in(self) -> None:
-        p = self._playout
-        if not p.outstanding:
+        cut = self._playout.interrupt()
+        if cut is None:
             return  # nothing is playing: the caller is just speaking
-        item_id, content_index, _ = next(iter(p.outstanding.values()))
-        heard_ms = min(p.played[item_id], p.produced[item_id]) // mulaw.BYTES_PER_MS
-        p.outstanding.clear()
-        p.interrupted.add(item_id)
-        p.played_out.set()
+        item_id, content_index, heard_ms = cut
         await self.twilio_ws.send_str(twilio.clear(self.setup.stream_sid))
         await self._model.send(realtime.encode(realtime.truncate(item_id, content_index, heard_ms)))
         log.info("call %s: barge-in, %s truncated at %d ms", self.call_sid, item_id, heard_ms)
@@ -619,7 +609,7 @@ class Call:
         await asyncio.wait(tasks)  # their errors are reported by _finish (helpers': as they end)
         stream_sid = self.setup.stream_sid
         try:
-            if self._playout.outstanding:
+            if self._playout.playing:
                 await self.twilio_ws.send_str(twilio.clear(stream_sid))  # no half reply first
             for start in range(0, len(APOLOGY), APOLOGY_CHUNK):
                 chunk = base64.b64encode(APOLOGY[start:start + APOLOGY_CHUNK]).decode()
@@ -663,9 +653,11 @@ class Call:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(CLOSE_TIMEOUT_S):
                     await self.twilio_ws.close()
-        # Also after a caller hang-up: cheap, and "already ended" counts as success.
-        with contextlib.suppress(Exception):
-            await self._services.hangup(self.call_sid)
+        # Not after the caller hung up (Twilio's stop: the call is over at Twilio); on every
+        # other end the call may still be up there, and "already ended" counts as success.
+        if reason != "caller_hangup":
+            with contextlib.suppress(Exception):
+                await self._services.hangup(self.call_sid)
         log.info("call %s ended: %s after %.1f s", self.call_sid, reason, time.monotonic() - self.started)
 
     async def _announce(self, status: str, reason: str | None = None) -> None:

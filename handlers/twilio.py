@@ -15,6 +15,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from urllib.parse import urlsplit
+from xml.sax.saxutils import quoteattr
 
 from aiohttp import WSMsgType, web
 from twilio.request_validator import (
@@ -24,7 +25,6 @@ from twilio.request_validator import (
     RequestValidator,
     get_signature_algorithm,
 )
-from twilio.twiml.voice_response import Connect as ConnectVerb
 from twilio.twiml.voice_response import VoiceResponse
 
 from appkeys import CALL_SERVICES, LIFECYCLE, METRICS, REFUSALS, SERVICES, SETTINGS
@@ -96,18 +96,19 @@ def check_signature(request: web.Request, url: str, params: Mapping[str, str]) -
 
 
 def _render(result: admission.Connect | admission.Refuse, public_url: str) -> web.Response:
-    response = VoiceResponse()
     if isinstance(result, admission.Refuse):
+        response = VoiceResponse()
         if result.say:
             response.say(result.say)
         response.hangup()
-    else:
-        connect = ConnectVerb()
-        stream = connect.stream(url=stream_url(public_url))
-        for name, value in result.parameters.items():
-            stream.parameter(name=name, value=value)
-        response.append(connect)
-    return web.Response(text=str(response), content_type="text/xml")
+        return web.Response(text=str(response), content_type="text/xml")
+    # Every admitted call's answer, built as text: the TwiML library's ElementTree rendering was
+    # a fifth of the set-up's CPU in a burst. quoteattr escapes as ElementTree does.
+    parameters = "".join(f"<Parameter name={quoteattr(name)} value={quoteattr(value)}/>"
+                         for name, value in result.parameters.items())
+    return web.Response(text=f'<?xml version="1.0" encoding="UTF-8"?><Response><Connect>'
+                             f'<Stream url={quoteattr(stream_url(public_url))}>{parameters}</Stream>'
+                             f'</Connect></Response>', content_type="text/xml")
 
 
 def _charge_named(request: web.Request) -> str | None:

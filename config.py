@@ -234,6 +234,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("ADMIN_TOKEN", None, "bearer token for admin routes and the all-calls monitor", _secret, "admin_token", True),
     Variable("LOG_FORMAT", "text", "text, or json for one JSON object per line", _choice("text", "json"), "log_format"),
     Variable("LOG_LEVEL", "info", "debug, info, warning or error", _choice("debug", "info", "warning", "error"), "log_level"),
+    Variable("WEB_CONCURRENCY", "1", "server processes sharing the port (SO_REUSEPORT), one per core: a process relays on one core at most", _int(1, 64), "workers"),
     Variable("EVENT_LOOP", "uvloop", "uvloop (falls back to asyncio's own when uvloop is not installed) or asyncio", _choice("uvloop", "asyncio"), "event_loop"),
 )
 
@@ -286,6 +287,7 @@ class Settings:
     admin_token: Secret | None
     log_format: str
     log_level: str
+    workers: int
     event_loop: str
     # Warnings found while reading (e.g. the development phone key); logged at start.
     warnings: tuple[str, ...] = ()

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
+import ctypes.util
+import gc
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -30,10 +33,45 @@ class Lifecycle:
     # /call sockets waiting for their `start`, oldest first, with their peer's address.
     starting: dict[web.WebSocketResponse, str] = field(default_factory=dict)
     closing: set[asyncio.Task] = field(default_factory=set)  # sockets being closed from outside
+    _trim: asyncio.TimerHandle | None = field(default=None, repr=False)
 
     @property
     def active_calls(self) -> int:
         return len(self.calls)
+
+    def call_ended(self) -> None:
+        """A call left ``calls``. When it was the last, the memory a wave of calls used goes back
+        to the system shortly after (nothing then relays audio that a collection could delay)."""
+        if not self.calls and self._trim is None:
+            self._trim = asyncio.get_running_loop().call_later(TRIM_AFTER_S, self._give_back)
+
+    def _give_back(self) -> None:
+        self._trim = None
+        if not self.calls:
+            give_back_memory()
+
+
+TRIM_AFTER_S = 2.0  # after the last call ended: its sockets and tasks are gone by then
+
+
+def give_back_memory() -> None:
+    """Collect cycles, then hand the heap's free pages back to the kernel. Without it, RSS after
+    a wave of 300 calls stayed a third above idle (bench/calls.py): glibc keeps freed memory
+    for reuse, and CPython's arenas are only returned when entirely empty."""
+    gc.collect()
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None  # glibc: musl has no malloc_trim
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
 
 
 HANDSHAKES_PER_S, HANDSHAKE_BURST = 10.0, 20  # /logs upgrades per client address

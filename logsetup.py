@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
 import orjson
+
+# With WEB_CONCURRENCY > 1 each line says which worker wrote it (workers.py sets this).
+WORKER = os.environ.get("CALLGATE_WORKER")
 
 
 class JsonFormatter(logging.Formatter):
@@ -17,6 +21,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if WORKER:
+            entry["worker"] = int(WORKER)
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()
@@ -54,7 +60,8 @@ def configure(log_format: str = "text", level: str = "info") -> None:
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        worker = f"w{WORKER} " if WORKER else ""
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {worker}%(levelname)-7s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -68,6 +68,7 @@ from limiter.rules import Rules
 from logsetup import Throttled
 from metrics import Metrics
 from twilio_rest import TwilioRest
+from workers import supervise
 
 log = logging.getLogger("callgate")
 
@@ -280,12 +281,12 @@ async def drain(app: web.Application, timeout: float) -> None:
     await asyncio.gather(*(client.close(timeout=FLUSH_S) for client in clients), return_exceptions=True)
 
 
-async def serve(settings: Settings, host: str) -> None:
+async def serve(settings: Settings, host: str, reuse_port: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then drain (listener open), then shut down."""
     app = create_app(settings)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, settings.port).start()
+    await web.TCPSite(runner, host, settings.port, reuse_port=reuse_port or None).start()
     log.info("listening on %s:%d", host, settings.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -312,6 +313,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--host", default="0.0.0.0", help="listen address (default 0.0.0.0)")
     parser.add_argument("--port", type=int, help="listen port (overrides PORT)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="server processes sharing the port, one per core (overrides WEB_CONCURRENCY)")
+    parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # a worker's own
     sub = parser.add_subparsers(dest="command", metavar="admin")
     admin_parser = sub.add_parser("admin", help="operator commands: stats, reset NUMBER, cleanup, migrate")
     admin_sub = admin_parser.add_subparsers(dest="action", required=True)
@@ -348,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env(os.environ)
         if args.port is not None:
             settings = settings.replace(port=args.port).checked()
+        if args.workers is not None:
+            if not 1 <= args.workers <= 64:
+                raise ConfigError(f"--workers must be 1 to 64, got {args.workers}")
+            settings = settings.replace(workers=args.workers).checked()
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
@@ -360,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # an operator command: say what failed, no traceback
             print(f"admin {args.action} failed: {exc}", file=sys.stderr)
             return 1
+    if settings.workers > 1:
+        return asyncio.run(supervise(settings, args.host, settings.workers))
     log.info("Callgate %s starting on %s:%d (public URL %s, %s, event loop %s)", VERSION, args.host,
              settings.port, settings.public_url, settings.env, settings.event_loop)
     if not settings.openai_api_key:
@@ -368,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.twilio_auth_token:
         log.warning("TWILIO_AUTH_TOKEN is not set: Twilio requests are NOT signature-checked "
                     "and calls are not hung up over REST. Never run like this in public.")
-    run(serve(settings, args.host), settings.event_loop)
+    run(serve(settings, args.host, args.reuse_port), settings.event_loop)
     return 0
 
 

@@ -228,4 +228,5 @@ async def media_stream(request: web.Request) -> web.StreamResponse:
         app[METRICS].calls.labels(call.end_reason or "ended").inc()
         if live.get(setup.call_sid) is call:
             del live[setup.call_sid]
+        app[LIFECYCLE].call_ended()
     return ws

@@ -1,0 +1,80 @@
+"""Several server processes on one port (WEB_CONCURRENCY or --workers N), so a machine with N
+cores carries N times the calls: one Python process relays on one core at most.
+
+The supervisor (this module, in the process the operator started) starts the embedded
+PostgreSQL once when there is no DATABASE_URL, then N workers: ``python server.py`` again,
+each binding the same address with SO_REUSEPORT (the kernel spreads new connections over
+them) and given the database's DSN. Each worker is a Callgate instance like another machine
+would be — its own id, heartbeat and share of the cap — so a webhook answered by one and the
+media stream that follows on another work as they do across machines: the state is in
+PostgreSQL. SIGTERM or SIGINT is passed on to every worker, which drains its calls; a worker
+that dies otherwise is started again (after a pause, so a crash loop cannot spin).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from config import Settings
+from db.embedded import EmbeddedPostgres
+
+log = logging.getLogger("callgate.workers")
+
+SERVER = Path(__file__).resolve().parent / "server.py"
+RESTART_PAUSE_S = 1.0
+WORKER_ENV = "CALLGATE_WORKER"  # set in a worker's environment: its number, from 1
+
+
+async def supervise(settings: Settings, host: str, workers: int) -> int:
+    env = dict(os.environ)
+    env["WEB_CONCURRENCY"] = "1"  # a worker is one process
+    env["PORT"] = str(settings.port)
+    embedded = None
+    if settings.dsn is None:
+        embedded = EmbeddedPostgres(settings.data_dir.resolve() / "pg")
+        log.info("no DATABASE_URL: starting the embedded PostgreSQL once for %d workers (data in %s)",
+                 workers, embedded.data_dir)
+        env["DATABASE_URL"] = await asyncio.to_thread(embedded.start)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    log.info("starting %d workers on %s:%d (SO_REUSEPORT)", workers, host, settings.port)
+    try:
+        results = await asyncio.gather(*(_worker(n, host, env, stopping) for n in range(1, workers + 1)))
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
+    return max(results)
+
+
+async def _worker(number: int, host: str, env: dict[str, str], stopping: asyncio.Event) -> int:
+    """Run worker ``number`` until the supervisor stops; returns its last exit status."""
+    while True:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, str(SERVER), "--host", host, "--reuse-port",
+            env={**env, WORKER_ENV: str(number)}, stdin=asyncio.subprocess.DEVNULL)
+        began = time.monotonic()
+        stop = asyncio.create_task(stopping.wait())
+        exited = asyncio.create_task(process.wait())
+        await asyncio.wait({stop, exited}, return_when=asyncio.FIRST_COMPLETED)
+        if stopping.is_set():
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)  # it drains its calls, then exits
+            code = await exited
+            stop.cancel()
+            return code
+        stop.cancel()
+        log.warning("worker %d exited with %s after %.0f s: starting it again", number, process.returncode,
+                    time.monotonic() - began)
+        try:
+            await asyncio.wait_for(stopping.wait(), RESTART_PAUSE_S)
+            return process.returncode or 0
+        except TimeoutError:
+            continue

@@ -297,7 +297,7 @@ class Callers:
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=30)) as http:
             begin = loop.time() + 0.2
             tasks = [asyncio.create_task(self.call(http, i, begin + cfg["ramp"] * i / max(1, cfg["calls"])))
-                     for i in range(cfg["calls"])]
+                     for i in range(cfg["calls"])]  # (call i is the run's call first + i)
             await self.all_set_up.wait()
             self.mark("steady")
             await self.first_stop.wait()
@@ -322,13 +322,14 @@ class Callers:
         loop = asyncio.get_running_loop()
         await asyncio.sleep(max(0.0, at - loop.time()))
         started = time.perf_counter()
-        call_sid = f"CA{index:032x}"
+        serial = cfg.get("first", 0) + index  # unique in the run: CallSid, number, address
+        call_sid = f"CA{serial:032x}"
         # Twilio's media servers are many addresses: one per call, as Fly's proxy reports it.
-        headers = {"Fly-Client-IP": f"10.{index >> 16 & 255}.{index >> 8 & 255}.{index & 255}"}
+        headers = {"Fly-Client-IP": f"10.{serial >> 16 & 255}.{serial >> 8 & 255}.{serial & 255}"}
         params: dict[str, str] = {}
         try:
             if cfg["target"] == "callgate":
-                form = {"CallSid": call_sid, "AccountSid": "AC" + "0" * 32, "From": f"+1415555{index % 10000:04d}",
+                form = {"CallSid": call_sid, "AccountSid": "AC" + "0" * 32, "From": f"+1415555{serial % 10000:04d}",
                         "To": "+14155550199", "Direction": "inbound", "CallStatus": "ringing",
                         "ApiVersion": "2010-04-01"}
                 signature = self.validator.compute_signature(PUBLIC_URL + "/twiml", form)
@@ -558,6 +559,7 @@ class Round:
 class Bench:
     def __init__(self, args: argparse.Namespace, dsn: str, folder: Path) -> None:
         self.args, self.dsn, self.folder = args, dsn, folder
+        self._next_call = 0
 
     def server_env(self, echo_port: int, twilio_url: str) -> dict[str, str]:
         from config import VARIABLES
@@ -584,7 +586,8 @@ class Bench:
         if target == "callgate":
             server = Child(target, "--host", "127.0.0.1", "--port", str(port), *args.server_args,
                            core=SERVER_CORE, env=self.server_env(echo_port, twilio_url),
-                           script=[sys.executable, str(ROOT / "server.py")])
+                           script=[sys.executable, *(["-m", "cProfile", "-o", args.cprofile] if args.cprofile else []),
+                                   str(ROOT / "server.py")])
         else:
             server = Child(target, "--role", "forwarder", "--port", str(port),
                            "--upstream", f"ws://127.0.0.1:{echo_port}/raw", "--loop", args.loop,
@@ -595,15 +598,14 @@ class Bench:
                 await wait_http(f"http://127.0.0.1:{port}/healthz")
             else:
                 await server.expect("ready", 30)
-            gc_settle = 1.0
-            await asyncio.sleep(gc_settle)
+            if args.warmup:
+                # A few calls first, as a server in service has had: its pool open, its
+                # statements prepared, its code paths imported. Not counted.
+                await self._callers(target, args.warmup, port, ramp=1.0, seconds=1.0)
+            await asyncio.sleep(args.settle)
             pids = server.pids
             rss_idle, cpu_idle = rss_bytes(pids), cpu_s(pids)
-            cfg = {"calls": calls, "seconds": args.seconds, "ramp": args.ramp, "phase": args.phase,
-                   "grace": args.grace, "target": target, "url": f"http://127.0.0.1:{port}", "port": port}
-            callers = Child("callers", "--role", "callers", "--config", orjson.dumps(cfg).decode(),
-                            core=PEER_CORE)
-            await callers.start(self.folder / "callers.log")
+            callers = await self._start_callers(target, calls, port, ramp=args.ramp, seconds=args.seconds)
             peers = [callers.process.pid, self.echo.process.pid]
             timeout = args.ramp + 60
             await callers.expect("steady", timeout)
@@ -631,6 +633,20 @@ class Bench:
                          cpu_per_call=(cpu_end - cpu_idle) / max(1, calls))
         finally:
             await server.stop()
+
+    async def _start_callers(self, target: str, calls: int, port: int, *, ramp: float, seconds: float) -> Child:
+        cfg = {"calls": calls, "seconds": seconds, "ramp": ramp, "phase": self.args.phase, "grace": self.args.grace,
+               "target": target, "url": f"http://127.0.0.1:{port}", "port": port, "first": self._next_call}
+        self._next_call += calls  # every call of a run its own CallSid and number
+        callers = Child("callers", "--role", "callers", "--config", orjson.dumps(cfg).decode(), core=PEER_CORE)
+        await callers.start(self.folder / "callers.log")
+        return callers
+
+    async def _callers(self, target: str, calls: int, port: int, *, ramp: float, seconds: float) -> dict:
+        callers = await self._start_callers(target, calls, port, ramp=ramp, seconds=seconds)
+        line = await callers.expect("result", ramp + seconds + 60)
+        await callers.process.wait()
+        return orjson.loads(line.split(" ", 1)[1])
 
     async def run(self) -> int:
         from tools.fake_twilio_api import FakeTwilioApi
@@ -704,6 +720,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--phase", choices=["spread", "aligned"], default="spread")
     parser.add_argument("--grace", type=float, default=1.0)
     parser.add_argument("--settle", type=float, default=3.0, help="s after the calls before RSS is read")
+    parser.add_argument("--warmup", type=int, default=10, help="calls before the counted ones (0: a cold server)")
     parser.add_argument("--cap", type=int, default=100000, help="RATE_LIMIT_MAX_CONCURRENT_CALLS")
     parser.add_argument("--baseline", action="store_true", help="the bare forwarder too, alternating")
     parser.add_argument("--series", type=lambda s: tuple(int(x) for x in s.split(":")), default=None,
@@ -711,6 +728,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
                         help="the relays' event loop: Callgate's EVENT_LOOP and the forwarder's")
     parser.add_argument("--env", action="append", default=[], help="NAME=value for the Callgate process")
+    parser.add_argument("--cprofile", metavar="FILE", help="run Callgate under cProfile, its stats to FILE")
     parser.add_argument("--server-args", nargs="*", default=[], help="extra arguments for server.py")
     args = parser.parse_args(argv)
     if args.role is None:

@@ -73,6 +73,13 @@ class Phase:
     elapsed: float
     client_cpu: float  # CPU seconds this process used, user + system
     latencies: list[float] = field(repr=False)
+    server_cpu: float = math.nan  # CPU seconds PostgreSQL's processes used (when it is local)
+
+    @property
+    def per_server_cpu_s(self) -> float:
+        """Operations per CPU second of PostgreSQL: what one costs the database, whoever (the
+        client, the database) set the pace."""
+        return self.ops / self.server_cpu if self.server_cpu > 0 else math.nan
 
     @property
     def ops(self) -> int:
@@ -107,17 +114,40 @@ async def run_for(name: str, op: Callable[[], Awaitable[object]], seconds: float
             await op()
             latencies.append(time.perf_counter() - started)
 
-    cpu_before, started = cpu_seconds(), time.perf_counter()
+    cpu_before, server_before, started = cpu_seconds(), postgres_cpu_seconds(), time.perf_counter()
     async with asyncio.TaskGroup() as group:
         for _ in range(concurrency):
             group.create_task(worker())
     # Up to the last answer, so the operations finishing after the deadline are paid for.
-    return Phase(name, time.perf_counter() - started, cpu_seconds() - cpu_before, latencies)
+    return Phase(name, time.perf_counter() - started, cpu_seconds() - cpu_before, latencies,
+                 postgres_cpu_seconds() - server_before)
 
 
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU seconds used so far by this machine's PostgreSQL processes (every server's: an idle
+    one adds next to nothing); NaN when /proc is not there. The backends serving the pool
+    live through a phase, so the difference over a phase is its cost to the database."""
+    total, ticks = 0, os.sysconf("SC_CLK_TCK")
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return math.nan
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()
+        if name.startswith("postgres") or name.startswith("postmaster"):
+            total += int(rest[11]) + int(rest[12])
+    return total / ticks
 
 
 async def measure(name: str, op: Callable[[], Awaitable[object]], args: argparse.Namespace) -> Phase:
@@ -254,17 +284,25 @@ def print_report(args: argparse.Namespace, where: str, version: str, phases: lis
     print(f"Note: the benchmark client and the server share this machine's {os.cpu_count()} cores "
           "(when the server is local), so client CPU is taken from PostgreSQL.")
     print()
-    print(f"{'phase':<28}{'ops':>9}{'ops/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'client CPU':>12}")
+    print(f"{'phase':<28}{'ops':>9}{'ops/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'client CPU':>12}"
+          f"{'ops per PG CPU-s':>18}")
     for phase in phases:
         print(f"{phase.name:<28}{phase.ops:>9}{phase.rate:>10.0f}"
               f"{phase.percentile_ms(0.50):>9.2f}{phase.percentile_ms(0.99):>9.2f}"
-              f"{phase.client_share:>11.0%} ")
+              f"{phase.client_share:>11.0%} {phase.per_server_cpu_s:>17.0f}")
     print("(client CPU: share of one core used by this benchmark process; ~100 % means the "
           "client, not PostgreSQL, set the pace)")
     print()
     base = select_one.rate or math.nan
     print(f"limiter / SELECT 1 (ops/s): (a) random keys {random_keys.rate / base:.2f}, "
           f"(b) hot key {hot_key.rate / base:.2f}")
+    # Server-side: the client (one Python process, parsing and hashing every number) is the
+    # bottleneck of ops/s above; per CPU second of PostgreSQL is what a decision costs the
+    # database, the resource every instance shares.
+    server_base = select_one.per_server_cpu_s or math.nan
+    print(f"limiter / SELECT 1 (ops per PostgreSQL CPU-second, server-side): "
+          f"(a) random keys {random_keys.per_server_cpu_s / server_base:.2f}, "
+          f"(b) hot key {hot_key.per_server_cpu_s / server_base:.2f}")
     for note in notes:
         print(note)
 

@@ -85,6 +85,7 @@ class DatabaseGate:
         self.became_up = asyncio.Event()  # set each time it comes (back) up; for write-backs
         self.up_since = 0.0  # time.monotonic() when it last came (back) up
         self.outages = 0     # times it went away since this process started
+        self._warming: asyncio.Task | None = None
 
     async def run(self, work: Callable[[asyncpg.Connection], Awaitable[Any]], seconds: float) -> Any:
         if not self.up:
@@ -116,6 +117,19 @@ class DatabaseGate:
             self._set(True)
         return self.up
 
+    async def _warm(self) -> None:
+        """Open the whole pool now, not during the next burst of calls: each new connection
+        costs a PostgreSQL backend and asyncpg's type introspection, tens of ms, which the
+        first calls of a burst waited for (set-up p99 of 0.7 s on a fresh server, bench/calls.py)."""
+        async def hold(conn: asyncpg.Connection) -> None:
+            await conn.fetchval(self._probe_sql)
+            await asyncio.sleep(0)  # (several are held at once, so each opens its own)
+
+        size = self.pool.get_max_size()
+        # Best effort: a connection that fails to open now is opened when first needed, as before.
+        await asyncio.gather(*(run_bounded(self.pool, hold, max(self._timeout, 5.0)) for _ in range(size)),
+                             return_exceptions=True)
+
     async def watch(self) -> None:
         """Background duty until cancelled: probe every PROBE_EVERY_S while up (so ``up`` is
         fresh); while away, with a back-off doubling up to PROBE_MAX_BACKOFF_S."""
@@ -132,6 +146,7 @@ class DatabaseGate:
             log.info("PostgreSQL is available")
             self.up_since = time.monotonic()
             self.became_up.set()
+            self._warming = asyncio.get_running_loop().create_task(self._warm())
         else:
             self.outages += 1
             log.warning("PostgreSQL is unavailable (%s); decisions fall back until it answers",

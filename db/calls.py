@@ -164,10 +164,9 @@ class CallStore:
         await self.write_back()  # what it let in while PostgreSQL was away counts first
         if self._settling() and not self._room_while_away():
             return Admission("new", False, stream_params)
-        row = await self._run(self._locked(self._q.calls_admit, call_sid, charge_id, direction, region, scenario_id,
-                                           c.max_live, c.session_s, c.setup_s, c.hold_s,
-                                           orjson.dumps(stream_params).decode()),
-                              AWAY, f"call {call_sid}: admission under the cap ({c.fail_mode} decides)")
+        row = await self._fetchrow(self._q.calls_admit, call_sid, charge_id, direction, region, scenario_id,
+                                   c.max_live, c.session_s, c.setup_s, c.hold_s, orjson.dumps(stream_params).decode(),
+                                   ADMISSION_LOCK, what=f"call {call_sid}: admission under the cap ({c.fail_mode} decides)")
         if row is not AWAY:
             if row["admitted"]:
                 self._starting[call_sid] = time.time()

@@ -59,6 +59,9 @@ async def create_pool(dsn: str, size: int, client_timeout_ms: int) -> asyncpg.Po
         max_size=size,
         command_timeout=max(client_timeout_ms / 1000 * 2, 1),
         timeout=5,  # connection establishment
+        # Opened connections stay (DatabaseGate opens them all once PostgreSQL answers): one
+        # closed after a quiet spell would be paid for again by the first calls of a burst.
+        max_inactive_connection_lifetime=0,
         server_settings=server_settings(client_timeout_ms),
         reset=_keep_session,
     )

@@ -4,6 +4,7 @@ its docstring), against a real PostgreSQL, behind a proxy that can cut it off.""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -207,3 +208,20 @@ async def test_with_the_database_there_records_and_refunds_happen_once(store_and
     assert await store.claim_refund("CA2", fallback="unused") == "CA2"
     assert await store.claim_refund("CA2", fallback="unused") is None
     assert (await store.get("CA2"))["status"] == "connected"
+
+
+async def test_the_cap_is_exact_under_concurrent_admissions_from_two_instances(dsn):
+    """60 webhooks at once, spread over two instances' pools, for a cap of 7: exactly 7 are
+    admitted (one statement each: the admission lock and a snapshot taken after it)."""
+    pool_a = await create_pool(dsn, 10, client_timeout_ms=5000)
+    pool_b = await create_pool(dsn, 10, client_timeout_ms=5000)
+    try:
+        a = make_store(pool_a, timeout=5, max_live=7, instance_id="a")
+        b = make_store(pool_b, timeout=5, max_live=7, instance_id="b")
+        results = await asyncio.gather(*(admit(a if i % 2 else b, f"CA{i}") for i in range(60)))
+        live = await pool_a.fetchval("SELECT callgate_live_calls(NULL, NULL, 420, 60, 60)")
+    finally:
+        await pool_a.close()
+        await pool_b.close()
+    assert sum(r.admitted for r in results) == 7
+    assert live == 7

@@ -94,6 +94,11 @@ class Metrics:
         self.active_calls = Gauge("callgate_active_calls", "Calls live on this instance", registry=self.registry)
         self.calls = Counter("callgate_calls_total", "Calls ended, by outcome", ["outcome"], registry=self.registry)
         self.relay = RelayMeter()
+        self.setup = Histogram(
+            "callgate_call_setup_seconds",
+            "A call's set-up by stage: webhook (the voice webhook answered), stream (its Media Stream's "
+            "start to the model ready for audio)", ["stage"],
+            buckets=(0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=self.registry)
         self.registry.register(self.relay)
         self.open_sockets = Gauge("callgate_open_sockets", "Open WebSockets, by kind", ["kind"], registry=self.registry)
         self.frontend_refused = Counter(

@@ -60,7 +60,7 @@ import struct
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -502,6 +502,28 @@ class Child:
                 await self.process.wait()
 
 
+async def setup_quantiles(url: str) -> dict[str, tuple[float, float]]:
+    """callgate_call_setup_seconds from /metrics: stage → (p50, p99), each the upper bound of
+    the bucket it falls in (counted since the server started: the warm-up calls included)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
+        text = await resp.text()
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "callgate_call_setup_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    buckets.setdefault(sample.labels["stage"], []).append(
+                        (float(sample.labels["le"]), sample.value))
+    out = {}
+    for stage, rows in buckets.items():
+        rows.sort()
+        total = rows[-1][1]
+        if total:
+            out[stage] = tuple(next(le for le, n in rows if n >= q * total) for q in (0.5, 0.99))
+    return out
+
+
 async def wait_http(url: str, timeout: float = 30) -> None:
     async with aiohttp.ClientSession() as http:
         deadline = time.monotonic() + timeout
@@ -530,6 +552,7 @@ class Round:
     db_timeouts: int | None = None
     core_busy: tuple[float, float] = (0.0, 0.0)  # the relay's core, the load's core
     cpu_per_call: float = 0.0  # the relay's CPU from idle to idle again, per call
+    server_setup: dict = field(default_factory=dict)  # stage → (p50, p99) bucket bounds, s
 
     @property
     def loss(self) -> float:
@@ -547,6 +570,9 @@ class Round:
                  if self.target == "callgate" and r["setup_p50"] is not None else "")
         refused = f"  refused {r['refused']}" if r["refused"] else ""
         setup += f"  CPU per call, whole life {self.cpu_per_call * 1000:.1f} ms"
+        if self.server_setup:  # the server's own view, as bucket bounds ("≤")
+            setup += "  server-side " + ", ".join(f"{stage} p50 ≤{p50 * 1000:g} p99 ≤{p99 * 1000:g} ms"
+                                                   for stage, (p50, p99) in sorted(self.server_setup.items()))
         return (f"{self.target:9} N={self.calls:<4} {'pass' if self.passed else 'FAIL'}  "
                 f"p50 {r['p50'] or 0:.1f} p99 {r['p99'] or 0:.1f} max {r['max'] or 0:.0f} ms  "
                 f"loss {self.loss * 100:.2f} %  CPU/call-s {self.cpu_per_call_s * 1000:.2f} ms "
@@ -622,15 +648,16 @@ class Bench:
             rss_after, cpu_end = rss_bytes(pids), cpu_s(pids)
             window = max(1e-9, t1 - t0)
             answered = max(1, result["answered"])
-            db_timeouts = None
+            db_timeouts, server_setup = None, {}
             if target == "callgate":
+                server_setup = await setup_quantiles(f"http://127.0.0.1:{port}/metrics")
                 text = log.read_text(errors="replace")
                 db_timeouts = len(re.findall(r"timed? ?out|TimeoutError|connection_lost", text, re.IGNORECASE))
             return Round(target, calls, result, (cpu1 - cpu0) / (answered * window), (cpu1 - cpu0) / window,
                          (peer1 - peer0) / window, rss_idle, rss_live, rss_after,
                          admitted=result["answered"], db_timeouts=db_timeouts,
                          core_busy=(busy_share(cores0, cores1, SERVER_CORE), busy_share(cores0, cores1, PEER_CORE)),
-                         cpu_per_call=(cpu_end - cpu_idle) / max(1, calls))
+                         cpu_per_call=(cpu_end - cpu_idle) / max(1, calls), server_setup=server_setup)
         finally:
             await server.stop()
 

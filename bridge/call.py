@@ -97,6 +97,8 @@ class CallServices:
     wrap_up_s: float
     ready_timeout_s: float
     observe_frame: Callable[[str, float], None] = lambda direction, seconds: None
+    # the Media Stream's start to the model ready for audio, for /metrics
+    observe_setup: Callable[[float], None] = lambda seconds: None
     # (status, code or reason) of each failed or incomplete response, for /metrics
     count_response_failure: Callable[[str, str | None], None] = lambda status, code: None
     # why a frame from Twilio's side was dropped (malformed, binary, too_fast), for /metrics
@@ -199,16 +201,14 @@ class Call:
         async with asyncio.timeout(self._services.ready_timeout_s):
             self._model = await self._services.connector.connect()
             scenario = self.setup.scenario
-            frames = self._model.frames()
-            await self._expect(frames, "session.created")
+            await self._expect("session.created")
             await self._model.send(realtime.encode(realtime.session_update(
                 instructions=scenario.instructions(self.setup.config),
                 voice=self.setup.voice,
                 tools=functions.schemas(scenario.tools),
                 transcription_model=self._services.transcription_model,
             )))
-            await self._expect(frames, "session.updated")
-        self._frames = frames
+            await self._expect("session.updated")
         # Greeting first, then the caller's buffered audio: the agent speaks first on a call.
         # The greeting is a system note, not response.instructions, which would replace the
         # scenario's instructions (its persona and rules) for that response.
@@ -222,12 +222,13 @@ class Call:
         while self._pre_ready:
             await self._model.send(realtime.append_audio(self._pre_ready.popleft()))
         self._ready = True
-        log.info("call %s: model ready (%s) after %.0f ms", self.call_sid, self._services.connector.name,
-                 (time.monotonic() - self.started) * 1000)
+        took = time.monotonic() - self.started
+        self._services.observe_setup(took)
+        log.info("call %s: model ready (%s) after %.0f ms", self.call_sid, self._services.connector.name, took * 1000)
 
-    async def _expect(self, frames, wanted: str) -> None:
+    async def _expect(self, wanted: str) -> None:
         bad = 0
-        async for frame in frames:
+        while (frame := await self._model.recv()) is not None:
             event = realtime.decode(frame)
             if event is None:
                 bad += 1
@@ -310,7 +311,8 @@ class Call:
         bad = 0
         observe = self._services.observe_frame
         try:
-            async for frame in self._frames:
+            recv = self._model.recv
+            while (frame := await recv()) is not None:
                 started = time.perf_counter()
                 event = realtime.decode(frame)
                 if event is None:
@@ -320,11 +322,13 @@ class Call:
                         log.warning("call %s: model sends unreadable frames", self.call_sid)
                         return
                     continue
+                if event["type"] == "response.output_audio.delta":  # most frames: no dispatch
+                    await self._play(event)
+                    observe("model_to_caller", time.perf_counter() - started)
+                    continue
                 await self._on_model_event(event)
                 if self._gave_up:
                     return
-                if event["type"] == "response.output_audio.delta":
-                    observe("model_to_caller", time.perf_counter() - started)
         except ModelError as exc:
             log.warning("call %s: %s", self.call_sid, exc)
         except ConnectionResetError:

@@ -14,7 +14,6 @@ import base64
 import binascii
 import contextlib
 import itertools
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ def _id(prefix: str) -> str:
 
 
 class OfflineAgent:
-    """One call's offline 'model'. ``send`` takes client events; ``frames`` yields server events."""
+    """One call's offline 'model'. ``send`` takes client events; ``recv`` returns server events (None once closed)."""
 
     def __init__(self) -> None:
         self._out: asyncio.Queue[str | None] = asyncio.Queue()
@@ -154,9 +153,8 @@ class OfflineAgent:
 
     # --- the connection ---------------------------------------------------------------------
 
-    async def frames(self) -> AsyncIterator[str]:
-        while (frame := await self._out.get()) is not None:
-            yield frame
+    async def recv(self) -> str | None:
+        return await self._out.get()
 
     async def close(self) -> None:
         self._cancel_response()

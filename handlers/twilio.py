@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 from xml.sax.saxutils import quoteattr
@@ -121,6 +122,7 @@ def _charge_named(request: web.Request) -> str | None:
 
 async def twiml(request: web.Request) -> web.Response:
     """Voice webhook: connect the call to the agent or refuse it (calls/admission.py)."""
+    began = time.monotonic()
     form = await request.post() if request.method == "POST" else {}
     check_signature(request, public_url_for(request), form)
     fields = form if request.method == "POST" else request.query
@@ -135,7 +137,9 @@ async def twiml(request: web.Request) -> web.Response:
         call_sid=call_sid, direction=direction, number=fields.get("To" if direction == "outbound-api" else "From", ""),
         charge_id=named or call_sid, placed_by_us=named is not None, query=request.query)
     result = await admission.admit_webhook(request.app[SERVICES], call)
-    return _render(result, request.app[SETTINGS].public_url)
+    response = _render(result, request.app[SETTINGS].public_url)
+    request.app[METRICS].setup.labels("webhook").observe(time.monotonic() - began)
+    return response
 
 
 # --- status callbacks -----------------------------------------------------------------------

@@ -114,10 +114,10 @@ async def test_a_call_crosses_workers_and_the_database_runs_once(supervisor):
             assert twiml.stream_url, twiml.body
             await call.connect()
             sid = call.call_sid
-            await wait_until(lambda: sup.worker_of(f"call {sid}: stream") is not None, timeout=10,
+            await wait_until(lambda: sup.worker_of(f"call {sid}: stream") is not None, timeout=30,
                              what="the stream's start logged")
             await call.stop()
-            await wait_until(lambda: sup.worker_of(f"call {sid} ended") is not None, timeout=10,
+            await wait_until(lambda: sup.worker_of(f"call {sid} ended") is not None, timeout=30,
                              what="the call's end logged")
         webhook_worker, stream_worker = sup.worker_of(f"webhook {sid}"), sup.worker_of(f"call {sid}: stream")
         ended = next(line["msg"] for line in sup.lines if f"call {sid} ended" in line["msg"])

@@ -117,7 +117,10 @@ class Call:
         self._pre_ready: collections.deque[str] = collections.deque(maxlen=PRE_READY_FRAMES)
         self._playout = Playout()
         self._checked_item: str | None = None  # the last item id found safe to put in a mark
-        self._end_requested = asyncio.Event()
+        # Resolved to end the call now (a request, the watchdog, the time limit): a future and
+        # timers, not a task each, keep a live call small (bench/calls.py: RSS per call).
+        self._end_requested: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._timers: list[asyncio.TimerHandle] = []
         self._end_after_goodbye: str | None = None  # set by the end_call tool: why the call ends
         self._asker = Asker()
         self._asks_dropped = 0
@@ -145,20 +148,17 @@ class Call:
         If the handler running it is cancelled, the call is still finalised before this returns."""
         await self._announce("connected")
         caller = asyncio.create_task(self.caller_to_model(), name=f"{self.call_sid}:caller_to_model")
-        end_request = asyncio.create_task(self._end_requested.wait(), name=f"{self.call_sid}:end_request")
-        tasks: set[asyncio.Task] = {caller, end_request}
+        end_request = self._end_requested
+        tasks: set[asyncio.Task] = {caller}
         try:
             opening = asyncio.create_task(self._open_model(), name=f"{self.call_sid}:open_model")
             tasks.add(opening)
             done, _ = await asyncio.wait({caller, end_request, opening}, return_when=asyncio.FIRST_COMPLETED)
             if opening in done and opening.exception() is None:
                 tasks.discard(opening)
-                tasks |= {
-                    asyncio.create_task(self.model_to_caller(), name=f"{self.call_sid}:model_to_caller"),
-                    asyncio.create_task(self._time_limit(), name=f"{self.call_sid}:time_limit"),
-                    asyncio.create_task(self._watchdog(), name=f"{self.call_sid}:watchdog"),
-                }
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                tasks.add(asyncio.create_task(self.model_to_caller(), name=f"{self.call_sid}:model_to_caller"))
+                self._start_timers()
+                await asyncio.wait(tasks | {end_request}, return_when=asyncio.FIRST_COMPLETED)
             elif opening in done:
                 self._set_reason("model_unavailable")
                 exc = opening.exception()
@@ -168,6 +168,8 @@ class Call:
             if self.end_reason in APOLOGY_REASONS and not self.twilio_ws.closed:
                 await self._apologise(tasks | self._aux_tasks)
         finally:
+            for timer in self._timers:
+                timer.cancel()
             for task in tasks | self._aux_tasks:  # helpers report their own errors
                 task.cancel()
             finishing = asyncio.create_task(self._finish(tasks | self._aux_tasks, tasks),
@@ -184,7 +186,11 @@ class Call:
     def request_end(self, reason: str) -> None:
         """End the call now (frontend call.end, shutdown)."""
         self._set_reason(reason)
-        self._end_requested.set()
+        self._end_now()
+
+    def _end_now(self) -> None:
+        if not self._end_requested.done():
+            self._end_requested.set_result(None)
 
     def request_end_after_goodbye(self, reason: str) -> None:
         """End the call once the agent's answer to this request has played (the end_call
@@ -564,9 +570,16 @@ class Call:
 
     # --- the time limit ---------------------------------------------------------------------
 
+    def _start_timers(self) -> None:
+        s, loop = self._services, asyncio.get_running_loop()
+        self._timers = [loop.call_later(max(s.session_duration_s - s.wrap_up_s, 0), self._spawn_wrap_up),
+                        loop.call_later(self._watch_every(), self._watchdog)]
+
+    def _spawn_wrap_up(self) -> None:
+        self._spawn(self._time_limit(), "time_limit")
+
     async def _time_limit(self) -> None:
         s = self._services
-        await asyncio.sleep(max(s.session_duration_s - s.wrap_up_s, 0))
         log.info("call %s: time nearly up, asking the agent to wrap up", self.call_sid)
         # The goodbye is asked for now, and waits if the agent is mid-reply; once it has
         # played the call ends. The limit itself still holds if the goodbye never comes.
@@ -576,32 +589,34 @@ class Call:
         with contextlib.suppress(ModelError):  # a broken model ends the call through its own pump
             await self._add_and_ask(realtime.system_text(WRAP_UP_MESSAGE, self._asker.new_item_id()))
         await asyncio.sleep(min(s.wrap_up_s, s.session_duration_s))
-        self._set_reason("time_limit")
+        self.request_end("time_limit")
 
-    async def _watchdog(self) -> None:
+    def _watch_every(self) -> float:
+        return min(self._services.ready_timeout_s / 4, CALLER_IDLE_TIMEOUT_S / 4, 1.0)
+
+    def _watchdog(self) -> None:
         """End the call when a side goes quiet. Twilio streams 50 frames a second, silence
         included, so a leg with no frame for CALLER_IDLE_TIMEOUT_S is gone. The model is
         stuck when a response asked for (or due after the caller's turn) has not started
         within the ready timeout; without this the caller would sit in silence until the
-        time limit. One timer for the call, not one per frame."""
+        time limit. One timer for the call, not one per frame: it runs, then sets itself again."""
         limit = self._services.ready_timeout_s
-        while True:
-            await asyncio.sleep(min(limit / 4, CALLER_IDLE_TIMEOUT_S / 4, 1.0))
-            now = time.monotonic()
-            if now - self._last_frame > CALLER_IDLE_TIMEOUT_S:
-                if self._in_model_send:  # not Twilio's silence: the model stopped taking audio
-                    log.warning("call %s: the model has not taken audio for %.0f s", self.call_sid,
-                                CALLER_IDLE_TIMEOUT_S)
-                    self._set_reason("model_failed")
-                else:
-                    log.warning("call %s: no frame from Twilio for %.0f s", self.call_sid, CALLER_IDLE_TIMEOUT_S)
-                    self._set_reason("stream_closed")
-                return
-            since = self._awaiting_response
-            if since is not None and now - since > limit:
-                log.warning("call %s: the model has not answered for %.1f s", self.call_sid, limit)
-                self._set_reason("model_failed")
-                return
+        now = time.monotonic()
+        if now - self._last_frame > CALLER_IDLE_TIMEOUT_S:
+            if self._in_model_send:  # not Twilio's silence: the model stopped taking audio
+                log.warning("call %s: the model has not taken audio for %.0f s", self.call_sid,
+                            CALLER_IDLE_TIMEOUT_S)
+                self.request_end("model_failed")
+            else:
+                log.warning("call %s: no frame from Twilio for %.0f s", self.call_sid, CALLER_IDLE_TIMEOUT_S)
+                self.request_end("stream_closed")
+            return
+        since = self._awaiting_response
+        if since is not None and now - since > limit:
+            log.warning("call %s: the model has not answered for %.1f s", self.call_sid, limit)
+            self.request_end("model_failed")
+            return
+        self._timers[1] = asyncio.get_running_loop().call_later(self._watch_every(), self._watchdog)
 
     # --- the end ----------------------------------------------------------------------------
 

@@ -32,8 +32,10 @@ def free_port() -> int:
 
 
 def postmasters(data_dir: Path) -> list[int]:
-    """PostgreSQL server processes running on ``data_dir`` (their command line names it)."""
-    found = []
+    """PostgreSQL servers running on ``data_dir``: processes whose command line names it and
+    whose parent is not one of them (a backend just forked shows its parent's command line
+    until it renames itself)."""
+    found: dict[int, int] = {}  # pid → parent pid
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
@@ -41,8 +43,12 @@ def postmasters(data_dir: Path) -> list[int]:
             except OSError:
                 continue
             if argv and argv[0].endswith(b"postgres") and str(data_dir).encode() in b" ".join(argv):
-                found.append(int(entry))
-    return found
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                except OSError:
+                    continue
+                found[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return [pid for pid, parent in found.items() if parent not in found]
 
 
 class Supervisor:

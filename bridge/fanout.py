@@ -107,13 +107,18 @@ class PgFanout:
     def _payloads(self, batch: list[Event]) -> list[str]:
         """Pack events into as few NOTIFY payloads as fit (measured in bytes, as PostgreSQL
         does); an event too big on its own is dropped."""
-        payloads, current = [], []
+        # Sizes add up: encode(events) is the envelope, each event, and a comma between two
+        # (orjson writes no spaces), so each event is encoded once to be measured, not once per
+        # event after it: a batch of 64 took 2,000 encodings.
+        envelope = len(self._encode([]))
+        payloads, current, size = [], [], envelope
         for event in batch:
-            if len(self._encode(current + [event])) > MAX_PAYLOAD and current:
+            n = len(orjson.dumps(event))
+            if current and size + 1 + n > MAX_PAYLOAD:
                 payloads.append(self._encode(current))
-                current = [event]
-            else:
-                current.append(event)
+                current, size = [], envelope
+            size += n + (1 if current else 0)
+            current.append(event)
         if current:
             payloads.append(self._encode(current))
         return [p.decode() for p in payloads if len(p) <= MAX_PAYLOAD]

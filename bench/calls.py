@@ -206,13 +206,14 @@ class Caller(wsraw.ClientPeer):
         self.callers, self.index, self.record = callers, index, record
         self.sent_at: dict[int, float] = {}
         self.greeted = asyncio.get_running_loop().create_future()
+        self.upgraded = asyncio.get_running_loop().create_future()  # the server said 101
         self.started = 0.0
         self.seq = 0
         self.stream_sid = f"MZ{index:032x}"
         self._media_head = ('{"event":"media","streamSid":"' + self.stream_sid + '","sequenceNumber":"').encode()
 
     def opened(self, head: str) -> None:
-        self.callers.on_open(self)
+        self.upgraded.set_result(None)
 
     def text(self, payload: bytes) -> None:
         if payload.startswith(b'{"event":"media"'):
@@ -264,13 +265,9 @@ class Callers:
         self.set_up = 0
         self.all_set_up = asyncio.Event()
         self.first_stop = asyncio.Event()
-        self._opens: dict[int, asyncio.Future] = {}
 
     def mark(self, line: str) -> None:
         print(f"{line} {time.monotonic():.6f}", flush=True)
-
-    def on_open(self, caller: Caller) -> None:
-        self._opens[caller.index].set_result(None)
 
     def _setup_done(self) -> None:
         self.set_up += 1
@@ -342,13 +339,12 @@ class Callers:
                     return
                 params = twiml.parameters
                 headers["X-Twilio-Signature"] = self.validator.compute_signature(twiml.stream_url, {})
-            opened = self._opens[index] = loop.create_future()
             caller = Caller(self, index, record)
             caller.started, caller.frames, caller.done = started, int(cfg["seconds"] / FRAME_S), loop.create_future()
             await loop.create_connection(lambda: caller, "127.0.0.1", cfg["port"])
             caller.request(f"127.0.0.1:{cfg['port']}", "/call", headers)
-            await asyncio.wait([opened, caller.closed], timeout=30, return_when=asyncio.FIRST_COMPLETED)
-            if not opened.done():
+            await asyncio.wait([caller.upgraded, caller.closed], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            if not caller.upgraded.done():
                 record.refused = f"stream {caller.status or 'closed'}"
                 self._setup_done()
                 return

@@ -120,7 +120,8 @@ class Call:
         # Resolved to end the call now (a request, the watchdog, the time limit): a future and
         # timers, not a task each, keep a live call small (bench/calls.py: RSS per call).
         self._end_requested: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._timers: list[asyncio.TimerHandle] = []
+        self._wrap_up_timer: asyncio.TimerHandle | None = None
+        self._watch_timer: asyncio.TimerHandle | None = None
         self._end_after_goodbye: str | None = None  # set by the end_call tool: why the call ends
         self._asker = Asker()
         self._asks_dropped = 0
@@ -168,8 +169,9 @@ class Call:
             if self.end_reason in APOLOGY_REASONS and not self.twilio_ws.closed:
                 await self._apologise(tasks | self._aux_tasks)
         finally:
-            for timer in self._timers:
-                timer.cancel()
+            for timer in (self._wrap_up_timer, self._watch_timer):
+                if timer is not None:
+                    timer.cancel()
             for task in tasks | self._aux_tasks:  # helpers report their own errors
                 task.cancel()
             finishing = asyncio.create_task(self._finish(tasks | self._aux_tasks, tasks),
@@ -186,9 +188,6 @@ class Call:
     def request_end(self, reason: str) -> None:
         """End the call now (frontend call.end, shutdown)."""
         self._set_reason(reason)
-        self._end_now()
-
-    def _end_now(self) -> None:
         if not self._end_requested.done():
             self._end_requested.set_result(None)
 
@@ -572,8 +571,8 @@ class Call:
 
     def _start_timers(self) -> None:
         s, loop = self._services, asyncio.get_running_loop()
-        self._timers = [loop.call_later(max(s.session_duration_s - s.wrap_up_s, 0), self._spawn_wrap_up),
-                        loop.call_later(self._watch_every(), self._watchdog)]
+        self._wrap_up_timer = loop.call_later(max(s.session_duration_s - s.wrap_up_s, 0), self._spawn_wrap_up)
+        self._watch_timer = loop.call_later(self._watch_every(), self._watchdog)
 
     def _spawn_wrap_up(self) -> None:
         self._spawn(self._time_limit(), "time_limit")
@@ -616,7 +615,7 @@ class Call:
             log.warning("call %s: the model has not answered for %.1f s", self.call_sid, limit)
             self.request_end("model_failed")
             return
-        self._timers[1] = asyncio.get_running_loop().call_later(self._watch_every(), self._watchdog)
+        self._watch_timer = asyncio.get_running_loop().call_later(self._watch_every(), self._watchdog)
 
     # --- the end ----------------------------------------------------------------------------
 

@@ -85,7 +85,7 @@ class DatabaseGate:
         self.became_up = asyncio.Event()  # set each time it comes (back) up; for write-backs
         self.up_since = 0.0  # time.monotonic() when it last came (back) up
         self.outages = 0     # times it went away since this process started
-        self._warming: asyncio.Task | None = None
+        self._warming: asyncio.Task | None = None  # held: the loop keeps only a weak reference
 
     async def run(self, work: Callable[[asyncpg.Connection], Awaitable[Any]], seconds: float) -> Any:
         if not self.up:

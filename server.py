@@ -6,7 +6,7 @@ one screen. ``serve`` is the lifecycle: listen → SIGTERM → drain (listener s
 cleanup. The rest is the command line.
 
     python server.py                      # serve on 0.0.0.0:$PORT
-    python server.py admin stats|reset NUMBER|cleanup|migrate
+    python server.py admin stats|reset NUMBER|cleanup|migrate|doctor
 
 Where to start reading: a call's flow is in ``calls/admission.py``'s docstring, a call.start's
 in ``calls/outbound.py``'s, a limiter decision in ``limiter/limiter.py``'s.
@@ -104,6 +104,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/scenarios", pages.list_scenarios)
     app.router.add_get("/tools", pages.list_tools)
     app.router.add_get("/public-url", pages.public_url)
+    app.router.add_get("/admin", pages.admin)
     app.router.add_get("/admin/stats", admin.stats)
     return app
 
@@ -322,17 +323,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="server processes sharing the port, one per core (overrides WEB_CONCURRENCY)")
     parser.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # a worker's own
     sub = parser.add_subparsers(dest="command", metavar="admin")
-    admin_parser = sub.add_parser("admin", help="operator commands: stats, reset NUMBER, cleanup, migrate")
+    admin_parser = sub.add_parser("admin", help="operator commands: stats, reset NUMBER, cleanup, migrate, doctor")
     admin_sub = admin_parser.add_subparsers(dest="action", required=True)
     admin_sub.add_parser("stats", help="print limiter analytics as JSON")
     reset = admin_sub.add_parser("reset", help="forget one number's charges")
     reset.add_argument("number", help="the phone number (any common format)")
     admin_sub.add_parser("cleanup", help="delete limiter rows whose window has passed")
     admin_sub.add_parser("migrate", help="apply pending schema migrations and exit")
+    admin_sub.add_parser("doctor", help="check this deployment's database, URL, Twilio and OpenAI settings")
     return parser.parse_args(argv)
 
 
 async def run_admin(settings: Settings, args: argparse.Namespace) -> int:
+    if args.action == "doctor":  # checks the database itself: it must not be migrated on the way in
+        import doctor
+        return await doctor.run(settings)
     async with open_database(settings, require=True) as db:  # migrated on the way in
         if args.action == "migrate":
             applied = db.gate.applied

@@ -42,6 +42,11 @@ async def index(request: web.Request) -> web.Response:
     return web.Response(text=request.app[INDEX_HTML], content_type="text/html", headers=PAGE_HEADERS)
 
 
+async def admin(request: web.Request) -> web.Response:
+    """The operator's page: static; it asks for ADMIN_TOKEN itself and keeps it in the tab."""
+    return web.Response(text=(STATIC_DIR / "admin.html").read_text(), content_type="text/html", headers=PAGE_HEADERS)
+
+
 async def list_scenarios(request: web.Request) -> web.Response:
     """phone-screen's shape: a bare array, the default scenario first."""
     ordered = sorted(scenarios.SCENARIOS.values(), key=lambda s: s.id != scenarios.DEFAULT_SCENARIO)

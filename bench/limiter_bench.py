@@ -377,7 +377,10 @@ async def run_phases(limiter: Limiter, pool: asyncpg.Pool, args: argparse.Namesp
     print(f"(b') hot key, parsed beforehand, for {args.warmup:g}+{args.seconds:g} s ...", file=sys.stderr)
     hot_parsed = await measure("(b') hot key, parsed", hot_key_op(limiter, charge_ids, Tally(), hot), args)
 
+    batcher = limiter.batcher
     notes = [
+        f"group commit: {batcher.decisions} decisions in {batcher.batches} statements, "
+        f"{batcher.decisions / max(1, batcher.batches):.1f} per statement on average (limiter/batch.py)",
         f"(a) {random_tally.summary()} (warm-up included)",
         f"(b) {hot_tally.summary()} (warm-up included; limit {RULES.max_calls} per "
         f"{RULES.window_ms // 60_000} min, refusals expected)",

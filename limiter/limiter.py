@@ -4,8 +4,9 @@ that are not numbers' (a client address's call.starts).
 One decision, file by file: a workflow (``calls/admission.py``, ``calls/outbound.py``) calls
 ``hit(number, charge_id)`` → the number parsed and keyed (``limiter/phone.py``: E.164, then
 HMAC-SHA256) → charges this instance made while PostgreSQL was away written back first →
-the text of ``sql/limiter_hit.sql``, one ``fetchrow`` on a pooled connection (the sliding-log
-rule itself is ``callgate_limiter_admit`` in ``sql/migrations/001_limiter.sql``) → the live
+one decision of a batch (``limiter/batch.py``: the charges waiting at the same moment share one
+statement, ``sql/limiter_hit.sql``, and one commit; the sliding-log rule itself is
+``callgate_limiter_admit`` in ``sql/migrations/001_limiter.sql``) → the live
 log that comes back, mirrored in memory (``limiter/memory.py``) and read into a ``Decision``
 (``limiter/rules.py``).
 
@@ -31,6 +32,7 @@ import asyncpg
 from db.bounded import DatabaseAway, DatabaseGate
 from db.errors import RETRY_ONCE
 from db.sql import Queries
+from limiter.batch import Charge, ChargeBatcher
 from limiter.errors import InvalidNumber, LimiterError, LimiterUnavailable
 from limiter.memory import MemoryLog
 from limiter.phone import PhoneKeyer, PhoneNumber, parse
@@ -120,6 +122,9 @@ class Limiter:
         self.memory = MemoryLog()
         # Serialises writing back with refunds, so a refund never lands before the charge it undoes.
         self._writeback = asyncio.Lock()
+        # Half the pool for charges in flight: the rest of the queue waits as the next batch,
+        # and refunds, statuses and the call store still find a connection.
+        self.batcher = ChargeBatcher(self._run, queries.limiter_hit, max_in_flight=gate.pool.get_max_size() // 2)
 
     # --- numbers ---------------------------------------------------------------------------
 
@@ -149,6 +154,8 @@ class Limiter:
             try:
                 return await self._attempt(work, deadline)
             except RETRY_ONCE as exc:
+                log.warning("the limiter's statement was rolled back (%s: %s); %s", type(exc).__name__,
+                            str(exc).splitlines()[0], "gave up" if attempt == 2 else "retrying once")
                 if attempt == 2:
                     raise LimiterError(f"{type(exc).__name__}: {exc}") from exc
         raise AssertionError("unreachable")
@@ -172,10 +179,11 @@ class Limiter:
 
     async def _charge(self, key: bytes, charge_id: str, rules: Rules, region: str, deadline: _Deadline, *,
                       at_ms: int | None = None, force: bool = False) -> asyncpg.Record:
-        """One ``sql/limiter_hit.sql``: charge ``charge_id`` to the log of ``key`` under ``rules``,
-        now (or at ``at_ms``, with ``force`` for a charge that already happened: a write-back)."""
-        return await self._fetchrow(self._q.limiter_hit, key, charge_id, rules.max_calls, rules.window_ms,
-                                    rules.cooldown_ms, self._clock(), at_ms, force, region, deadline=deadline)
+        """Charge ``charge_id`` to the log of ``key`` under ``rules``, now (or at ``at_ms``, with
+        ``force`` for a charge that already happened: a write-back): one decision of a batch
+        (``limiter/batch.py``, ``sql/limiter_hit.sql``)."""
+        return await self.batcher.charge(Charge(key, charge_id, rules.max_calls, rules.window_ms, rules.cooldown_ms,
+                                                self._clock(), at_ms, force, region), deadline)
 
     async def check_database(self) -> bool:
         """Probe PostgreSQL now (the gate's probe); returns whether it answers."""

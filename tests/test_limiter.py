@@ -264,8 +264,8 @@ async def test_refund_finds_a_charge_moved_by_a_rotation_it_raced(dsn, pool):
     try:
         tx = conn.transaction()
         await tx.start()  # the old instance's charge, not yet committed
-        await conn.fetchrow(Queries.load().limiter_hit, PhoneKeyer(old_key).key(NUMBER), "CA9", 5, HOUR, 0,
-                            None, None, False, "US")
+        await conn.fetch(Queries.load().limiter_hit, [PhoneKeyer(old_key).key(NUMBER)], ["CA9"], [5], [HOUR], [0],
+                         [None], [None], [False], ["US"])
         move = asyncio.create_task(rotated._rekey(keyer.key(NUMBER), keyer.previous(NUMBER), _Deadline(10)))
         await asyncio.wait_for(asyncio.shield(_until_blocked(pool)), timeout=10)
         await tx.commit()

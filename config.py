@@ -21,6 +21,9 @@ import phonenumbers
 VERSION = "0.1.0"
 
 DEVELOPMENT_PHONE_KEY = "callgate-development-key-do-not-use-in-production"
+# phone-screen's built-in default key: public, so as good as none, and a deployment migrated
+# from phone-screen that never set a key of its own would carry it over.
+PHONE_SCREEN_DEFAULT_KEY = "default-dev-key-change-in-production"
 # The largest HTTP body or WebSocket message any edge accepts (a webhook form, a media frame, a
 # /logs message); larger WebSocket messages close the socket with 1009.
 MAX_MESSAGE_BYTES = 64 * 1024
@@ -222,7 +225,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("MODEL_READY_TIMEOUT_MS", "10000", "longest wait for the model to connect and accept the session, ms (then the call ends)", _int(100, 60_000), "model_ready_timeout_ms"),
     Variable("TWILIO_ACCOUNT_SID", None, "Twilio account for REST calls", _text, "twilio_account_sid"),
     Variable("TWILIO_AUTH_TOKEN", None, "Twilio auth token: REST calls and webhook signature checks", _secret, "twilio_auth_token", True),
-    Variable("TWILIO_WEBHOOK_SHARED_KEY", None, "secret of the Twilio Webhooks rule's shared key: checks requests signed with HMAC-SHA256 (X-Twilio-Webhooks-Signature-Settings)", _secret, "twilio_shared_key", True),
+    Variable("TWILIO_WEBHOOK_SHARED_KEY", None, "secret of the Twilio Webhooks rule's shared key: checks requests the rule signs (HMAC-SHA1 or HMAC-SHA256, as X-Twilio-Webhooks-Signature-Settings says)", _secret, "twilio_shared_key", True),
     Variable("TWILIO_PHONE_NUMBER_US", None, "caller id for US calls (and the fallback)", _phone, "twilio_number_us"),
     Variable("TWILIO_PHONE_NUMBER_AU", None, "caller id for AU calls", _phone, "twilio_number_au"),
     Variable("TWILIO_PHONE_NUMBER_IN", None, "caller id for IN calls", _phone, "twilio_number_in"),
@@ -336,6 +339,9 @@ class Settings:
         if self.production:
             if key == DEVELOPMENT_PHONE_KEY:
                 raise ConfigError("PHONE_ENCRYPTION_KEY must be set when CALLGATE_ENV=production")
+            if key == PHONE_SCREEN_DEFAULT_KEY:
+                raise ConfigError("PHONE_ENCRYPTION_KEY is phone-screen's published default key; "
+                                  "set a secret one (e.g. `openssl rand -hex 32`)")
             if len(key) < MIN_PRODUCTION_KEY_LENGTH:
                 raise ConfigError(
                     f"PHONE_ENCRYPTION_KEY is too short for production ({len(key)} characters; "

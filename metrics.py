@@ -102,7 +102,7 @@ class Metrics:
         self.registry.register(self.relay)
         self.open_sockets = Gauge("callgate_open_sockets", "Open WebSockets, by kind", ["kind"], registry=self.registry)
         self.frontend_refused = Counter(
-            "callgate_frontend_refused_total", "/logs upgrades refused, by reason (origin, per_ip_cap, draining)",
+            "callgate_frontend_refused_total", "/logs upgrades refused, by reason (origin, per_ip_cap, handshake_rate)",
             ["reason"], registry=self.registry)
         self.frames_rejected = Counter(
             "callgate_stream_frames_rejected_total",

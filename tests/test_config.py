@@ -49,7 +49,8 @@ def test_bad_values_name_the_variable(env, needle):
 def test_production_requires_a_strong_phone_key():
     """CALLGATE_ENV=production refuses a missing, default or short PHONE_ENCRYPTION_KEY."""
     for env in ({}, {"PHONE_ENCRYPTION_KEY": "short"},
-                {"PHONE_ENCRYPTION_KEY": "callgate-development-key-do-not-use-in-production"}):
+                {"PHONE_ENCRYPTION_KEY": "callgate-development-key-do-not-use-in-production"},
+                {"PHONE_ENCRYPTION_KEY": "default-dev-key-change-in-production"}):  # phone-screen's
         with pytest.raises(ConfigError, match="PHONE_ENCRYPTION_KEY"):
             Settings.from_env({"CALLGATE_ENV": "production", **env})
     s = Settings.from_env({"CALLGATE_ENV": "production", "PHONE_ENCRYPTION_KEY": STRONG_KEY, **TWILIO})

@@ -4,10 +4,11 @@ throttled per client address (a few a minute), here and for /logs' all-calls mon
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
 from aiohttp import web
 
-from appkeys import FRONTEND, LIMITER, SETTINGS
+from appkeys import CALL_STORE, FRONTEND, LIMITER, METRICS, SETTINGS
 from handlers.clients import client_ip
 from limiter.errors import LimiterUnavailable
 
@@ -38,9 +39,28 @@ def _authorised(request: web.Request) -> None:
         raise web.HTTPUnauthorized(text="send Authorization: Bearer <ADMIN_TOKEN>", headers={"WWW-Authenticate": "Bearer"})
 
 
+def _decisions(app: web.Application) -> list[dict[str, Any]]:
+    """This instance's limiter answers since it started (callgate_limiter_decisions_total)."""
+    return [{**sample.labels, "count": int(sample.value)}
+            for metric in app[METRICS].limiter_decisions.collect() for sample in metric.samples
+            if sample.name.endswith("_total")]
+
+
+def _this_instance(app: web.Application) -> dict[str, Any]:
+    """What this instance knows without PostgreSQL: the operator needs it most during an outage."""
+    limiter = app[LIMITER]
+    return {
+        "failMode": limiter.fail_mode,
+        "pending": limiter.pending,
+        "decisions": _decisions(app),
+        "instancesAlive": app[CALL_STORE].instances_alive,
+    }
+
+
 async def stats(request: web.Request) -> web.Response:
     _authorised(request)
+    local = _this_instance(request.app)
     try:
-        return web.json_response(await request.app[LIMITER].stats())
+        return web.json_response({**await request.app[LIMITER].stats(), **local})
     except LimiterUnavailable:
-        return web.json_response({"error": "database unavailable"}, status=503)
+        return web.json_response({"error": "database unavailable", "database": "unavailable", **local}, status=503)

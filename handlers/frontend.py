@@ -6,7 +6,7 @@ limiter, ``call.start`` runs ``calls/outbound.py`` beside the reader, ``call.sub
 task of its own: a browser that stops reading fills its own queue and is disconnected, and
 never slows a call or another browser. Only typed call events (status, transcripts, function
 calls) reach a client, and only for calls it holds a token for (or every call, for an operator
-with ADMIN_TOKEN).
+with ADMIN_TOKEN, who also gets each call's ``call.details`` from its record: the /admin page).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import hmac
 import logging
 import secrets
 import time
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -51,6 +52,7 @@ CLIENT_QUEUE = 256         # messages waiting for one client before it counts as
 SEND_TIMEOUT_S = 5.0       # one message taking longer than this to go out: the client is stuck
 HEARTBEAT_S = 30.0
 CHECKS_PER_S, CHECK_BURST = 10.0, 20   # rate_limit_check: each one is a database read
+ANSWERED = frozenset({"in-progress", "connected"})  # the statuses that stamp a call's connected_at
 
 
 def origin_allowed(request: web.Request) -> bool:
@@ -131,6 +133,21 @@ REFUSED_ON_PURPOSE = {
 }
 
 
+def _epoch_ms(moment: datetime | None) -> int | None:
+    return None if moment is None else int(moment.timestamp() * 1000)
+
+
+def call_details(record: dict[str, Any]) -> dict[str, Any]:
+    """A call record as the all-calls monitor sees it: no number (the record holds none), times
+    in epoch ms, and the server's clock so a browser can tell a duration despite its own."""
+    return {
+        "type": "call.details", "callSid": record["call_sid"], "direction": record["direction"],
+        "region": record["region"], "scenarioId": record["scenario_id"],
+        "createdAt": _epoch_ms(record["created_at"]), "connectedAt": _epoch_ms(record["connected_at"]),
+        "endedAt": _epoch_ms(record["ended_at"]), "serverTime": int(time.time() * 1000),
+    }
+
+
 def _limit_fields(decision: Decision) -> dict[str, Any]:
     fields: dict[str, Any] = {"allowed": decision.allowed, "remaining": decision.remaining,
                               "limit": decision.limit, "resetTime": decision.reset_time}
@@ -153,6 +170,8 @@ class Client:
         self.followed: dict[str, events.Subscription] = {}  # callSid (or "*") → subscription
         self.tokens: dict[str, str] = {}                     # calls this client may end
         self.placing = False  # a call.start is waiting for its answer
+        # The all-calls monitor only: live calls it has been sent (or is being sent) call.details for.
+        self.described: set[str] | None = None
         self.gone = False
         self._checks = float(CHECK_BURST)
         self._checks_at = time.monotonic()
@@ -320,7 +339,13 @@ class Client:
             elif problem is not None:
                 self.send(_error("forbidden", "a valid adminToken is needed to follow every call"))
             else:
+                self.described = set()
                 self.follow(None)
+                # The calls live here now, so an operator who opens the page mid-call sees them
+                # (a call streaming on another instance appears at its next event).
+                for call_sid in list(self.app[LIFECYCLE].calls):
+                    if (current := self.app[BUS].current_status(call_sid)) is not None:
+                        self._deliver(current)
             return
         call_sid, token = message.get("callSid"), message.get("token")
         if not tokens.check_subscription(self.app[TOKEN_SECRET], call_sid, token):
@@ -352,10 +377,35 @@ class Client:
 
     def _deliver(self, event: events.Event) -> None:
         self.send(event)
-        if event["type"] == "call.status_changed" and status.is_final(event["status"]):
+        if event["type"] != "call.status_changed":
+            return
+        final = status.is_final(event["status"])
+        if self.described is not None and (final or event["status"] in ANSWERED
+                                           or event["callSid"] not in self.described):
+            self._describe(event["callSid"], final)
+        if final:
             sub = self.followed.pop(event["callSid"], None)  # its last event: stop following
             if sub is not None:
                 sub.close()
+
+    def _describe(self, call_sid: str, final: bool) -> None:
+        """The monitor's view of a call beyond its events, from its record (shared by every
+        instance): sent when a call is first seen, and again when it is answered and when it
+        ends, for their times."""
+        described = self.described
+        if final:
+            described.discard(call_sid)
+        else:
+            described.add(call_sid)
+
+        async def send_details() -> None:
+            record = await self.app[CALL_STORE].get(call_sid)
+            if record is None:
+                described.discard(call_sid)  # not recorded yet (a call.start's "queued"): at its next event
+                return
+            self.send(call_details(record))
+
+        self.background(send_details(), "call.details")
 
     async def _call_end(self, message: dict[str, Any]) -> None:
         call_sid = message.get("callSid")

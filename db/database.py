@@ -79,7 +79,9 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 async def open_database(settings: Settings, *, require: bool = False) -> AsyncIterator[Database]:
     """The database for the server (``require`` False: PostgreSQL may be away at start; the
     gate then says so, and ``DatabaseGate.watch`` migrates and opens it once it answers) or
-    for an admin command (``require`` True: away is an error)."""
+    for an admin command (``require`` True: away is an error). An embedded PostgreSQL that
+    was already running is left running by an admin command: it is most likely a live
+    server's (the server itself stops what it adopted: it is its owner then)."""
     embedded = None
     dsn = settings.dsn.value if settings.dsn else None
     if dsn is None:
@@ -102,5 +104,5 @@ async def open_database(settings: Settings, *, require: bool = False) -> AsyncIt
             # Shielded: the pool must close (and the server stop) even when our task is cancelled.
             await asyncio.shield(pool.close())
     finally:
-        if embedded is not None:
+        if embedded is not None and not (require and embedded.adopted):
             await asyncio.shield(asyncio.to_thread(embedded.stop))

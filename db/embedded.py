@@ -91,6 +91,7 @@ class EmbeddedPostgres:
 
     data_dir: Path
     port: int = 0
+    adopted: bool = False  # start() found it running already: someone else's, maybe
     _account: pwd.struct_passwd | None = None
 
     @property
@@ -98,6 +99,8 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{DATABASE}"
 
     def _run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        if self._account is None and os.geteuid() == 0:
+            self._account = _service_account()  # PostgreSQL's tools refuse to run as root
         # Drop root's groups too: a folder whose group is root, with group bits unset, would
         # otherwise refuse the service user even with o+x.
         switch = (
@@ -153,8 +156,10 @@ class EmbeddedPostgres:
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb()
         if self.running:
-            # Left over from a process that died without stopping it: adopt it.
+            # A server's (an admin command run beside it), or left over from a process that died
+            # without stopping it: adopt it.
             self.port = int((self.data_dir / "postmaster.pid").read_text().splitlines()[3])
+            self.adopted = True
             log.info("embedded PostgreSQL already running on 127.0.0.1:%d, adopting it", self.port)
         else:
             self.port = self.port or _free_port()
@@ -183,8 +188,6 @@ class EmbeddedPostgres:
         """Stop the server if it runs. ``fast``: sessions ended, a clean checkpoint;
         ``immediate``: every process quits at once, as in a crash (the next start recovers from
         the write-ahead log). Committed data is kept either way."""
-        if self._account is None and os.geteuid() == 0:
-            self._account = _service_account()
         if not self.running:
             return
         self._run("pg_ctl", "stop", "-w", "-t", "60", "-m", mode, "-D", str(self.data_dir), timeout=90)

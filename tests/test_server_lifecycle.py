@@ -201,3 +201,36 @@ async def test_the_server_starts_without_postgresql_and_heals_when_it_comes(serv
 
 async def _status(http: aiohttp.ClientSession, url: str) -> bool:
     return (await (await http.get(url + "/healthz")).json())["status"] == "ok"
+
+
+def test_an_admin_command_beside_a_running_server_leaves_its_embedded_database_running(tmp_path):
+    """`admin stats` on the data directory of a live server (no DATABASE_URL) finds its embedded
+    PostgreSQL running, uses it, and leaves it running: the server keeps its database."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "FLY_DATABASE_URL")}
+    env |= {"CALLGATE_DATA_DIR": str(tmp_path), "PHONE_ENCRYPTION_KEY": TEST_KEY, "PORT": str(port)}
+    server = subprocess.Popen([sys.executable, "server.py", "--host", "127.0.0.1"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        asyncio.run(_wait_healthy(f"http://127.0.0.1:{port}/healthz"))
+        admin = subprocess.run([sys.executable, "server.py", "admin", "stats"], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=60)
+        assert admin.returncode == 0, admin.stderr
+        assert _postmaster_alive(tmp_path / "pg"), admin.stderr
+    finally:
+        server.send_signal(signal.SIGTERM)
+        output, _ = server.communicate(timeout=30)
+    assert server.returncode == 0, output
+    assert not _postmaster_alive(tmp_path / "pg")  # the server stops what it started
+
+
+def _postmaster_alive(data_dir) -> bool:
+    """PostgreSQL runs on ``data_dir``: its postmaster.pid names a live process."""
+    try:
+        pid = int((data_dir / "postmaster.pid").read_text().splitlines()[0])
+        os.kill(pid, 0)
+    except (FileNotFoundError, ProcessLookupError, ValueError, IndexError):
+        return False
+    return True

@@ -8,9 +8,12 @@ This machine cannot reach OpenAI, so ``FakeRealtime`` speaks the GA wire format 
         session = await fake.wait_for_session()
         await session.wait_for_event("response.create")
 
-Handshake: ``Authorization: Bearer <api_key>`` is required (else HTTP 401); a request
-carrying ``OpenAI-Beta: realtime=v1`` is accepted, then told ``beta_api_shape_disabled``
-and closed. The ``model`` query parameter is recorded.
+Handshake: ``Authorization: Bearer <api_key>`` is required (else HTTP 401 with OpenAI's
+JSON error body, code ``invalid_api_key``); a request carrying ``OpenAI-Beta: realtime=v1``
+is accepted, then told ``beta_api_shape_disabled`` and closed. The ``model`` query parameter
+is recorded; with ``models`` given, a session for any other model is accepted, sent the
+``error`` ``model_not_found`` and closed with 4000 (the API's close for a refused request,
+reason ``<error type>.<code>``).
 
 Client events handled:
     session.update                  validated for the GA shape → session.updated or error
@@ -77,7 +80,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +131,9 @@ VAD_CHUNK = 160  # 20 ms, the size of a Twilio media frame
 SPEECH_RMS = 500
 MIN_COMMIT_MS = 100  # the real API refuses to commit less than 100 ms of audio
 MAX_MESSAGE = 16 * 2**20
+# How the API closes a session it refused after the handshake, as reported for invalid_model
+# (close 4000, reason "invalid_request_error.invalid_model"; livekit/agents-js#1756).
+REFUSED_CLOSE_CODE = 4000
 
 ReplyAudio = bytes | Callable[[int, int], bytes] | None
 
@@ -392,6 +398,9 @@ class FakeSession:
             if self.headers.get("OpenAI-Beta", "").strip().lower() == "realtime=v1":
                 await self._refuse_beta()
                 return
+            if self.fake.models is not None and self.model not in self.fake.models:
+                await self._refuse_model()
+                return
             await self._greet()
             async for message in self.ws:
                 await self._receive(message)
@@ -410,6 +419,12 @@ class FakeSession:
             "The Realtime API beta shape is no longer supported: remove the "
             "'OpenAI-Beta: realtime=v1' header and send GA session fields."))
         await self.ws.close(1008, "beta_api_shape_disabled")
+
+    async def _refuse_model(self) -> None:
+        error = ClientError("model_not_found", f"The model `{self.model}` does not exist or you do "
+                            "not have access to it.")
+        await self._send_error(error)
+        await self.ws.close(REFUSED_CLOSE_CODE, f"{error.type}.{error.code}")
 
     async def _greet(self) -> None:
         fault = self.fault
@@ -854,6 +869,8 @@ class FakeRealtime:
     (status incomplete after half the audio). ``transcription_fault=True`` answers every
     caller turn with ``conversation.item.input_audio_transcription.failed``.
     ``session_faults`` maps a session index to a fault of SESSION_FAULTS for it alone.
+    ``models``: the models served (None: any); a session for another is refused after the
+    handshake, as the API refuses a model that does not exist.
 
     Strictness: every client event is checked against the official SDK's types; a field they
     do not know, or a wrong type, gets the ``error`` the real API sends (and is listed in the
@@ -868,7 +885,7 @@ class FakeRealtime:
                  fault: str | None = None, record_audio: bool = True,
                  response_fault: str | None = None, response_faults: Mapping[int, str] | None = None,
                  transcription_fault: bool = False, session_faults: Mapping[int, str] | None = None,
-                 host: str = "127.0.0.1", port: int = 0) -> None:
+                 models: Collection[str] | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
         if fault is not None and fault not in FAULTS:
             raise ValueError(f"fault={fault!r}: expected None or one of {sorted(FAULTS)}")
         for kind in (session_faults or {}).values():
@@ -887,6 +904,7 @@ class FakeRealtime:
         self.response_fault, self.response_faults = response_fault, dict(response_faults or {})
         self.transcription_fault = transcription_fault
         self.session_faults = dict(session_faults or {})
+        self.models = None if models is None else frozenset(models)
         self.invalid_sent: list[tuple[dict, Any]] = []  # server events the SDK refused (bugs)
         self.host, self.port = host, port
         self.connections = 0
@@ -975,7 +993,12 @@ class FakeRealtime:
         if urlsplit(request.path).path != PATH:
             return connection.respond(404, f"Not found: use {PATH}\n")
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
-            return connection.respond(401, "Incorrect API key provided.\n")
+            body = orjson.dumps({"error": {
+                "message": "Incorrect API key provided. You can find your API key at "
+                           "https://platform.openai.com/account/api-keys.",
+                "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}})
+            return Response(401, "Unauthorized", Headers([("Content-Type", "application/json"),
+                                                          ("Content-Length", str(len(body)))]), body)
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
@@ -1028,6 +1051,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         metavar=("INDEX", "FAULT"), help="response number INDEX (0-based) ends this way")
     parser.add_argument("--transcription-fault", action="store_true",
                         help="every caller turn's transcription fails")
+    parser.add_argument("--model", action="append", dest="models",
+                        help="a model served (repeat for more; default: any)")
     return parser.parse_args(argv)
 
 
@@ -1039,7 +1064,7 @@ async def _serve(args: argparse.Namespace) -> None:
         first_call_response=args.first_call_response, fault=args.fault,
         response_fault=args.response_fault,
         response_faults={int(index): kind for index, kind in args.response_fault_at},
-        transcription_fault=args.transcription_fault,
+        transcription_fault=args.transcription_fault, models=args.models,
         host=args.host, port=args.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,4 +1,4 @@
-"""A loopback stand-in for Twilio's REST API (2010-04-01, the Calls resource only).
+"""A loopback stand-in for Twilio's REST API (2010-04-01: Calls, the Account, IncomingPhoneNumbers).
 
 This machine cannot reach Twilio, so Callgate's tests and developers point
 ``TWILIO_API_BASE_URL`` at this server instead. It speaks the real wire format, close
@@ -10,7 +10,13 @@ it unchanged:
 - ``POST .../Calls.json`` creates a call (201, status ``queued``);
 - ``POST .../Calls/{CallSid}.json`` with ``Status=completed`` or ``canceled`` ends it;
   an unknown or already ended call gets 404 / code 20404, as real Twilio answers;
-- ``GET .../Calls/{CallSid}.json`` fetches it.
+- ``GET .../Calls/{CallSid}.json`` fetches it;
+- ``GET /2010-04-01/Accounts/{AccountSid}.json`` fetches the account (``account_status``,
+  ``account_type``);
+- ``GET .../IncomingPhoneNumbers.json`` lists the account's numbers (``add_number``), one
+  page at a time (``PageSize`` 1-1000, default 50, and ``Page``; ``next_page_uri`` links the
+  next), filtered by ``PhoneNumber`` (part of a number, ``*`` for any digit),
+  ``FriendlyName``, ``Origin`` and ``Beta``, as Twilio does.
 
 Every request is recorded (``api.requests``), and faults can be injected: canned error
 answers (``fail_next``) and slow answers that model a REST timeout (``delay_next``).
@@ -32,6 +38,7 @@ import base64
 import binascii
 import hmac
 import logging
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -39,6 +46,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
@@ -47,6 +55,7 @@ log = logging.getLogger("fake_twilio_api")
 
 API_VERSION = "2010-04-01"
 ERRORS_URL = "https://www.twilio.com/docs/errors/{code}"
+MAX_PAGE_SIZE = 1000  # Twilio's largest PageSize
 ENDED_STATUSES = frozenset({"completed", "canceled", "failed", "busy", "no-answer"})
 # The values Twilio accepts for ``Status`` when updating a call.
 UPDATE_STATUSES = frozenset({"completed", "canceled"})
@@ -170,6 +179,89 @@ class FakeCall:
 
 
 @dataclass
+class FakeNumber:
+    """One IncomingPhoneNumber: a number on an account, with its voice configuration (the
+    Console's "A call comes in" is ``voice_url``/``voice_method``, "Call status changes" is
+    ``status_callback``/``status_callback_method``). Unset URLs are empty strings, unset SIDs
+    None, as Twilio answers."""
+
+    sid: str
+    account_sid: str
+    phone_number: str
+    voice_url: str = ""
+    voice_method: str = "POST"
+    status_callback: str = ""
+    status_callback_method: str = "POST"
+    voice_fallback_url: str = ""
+    voice_fallback_method: str = "POST"
+    voice_application_sid: str | None = None  # a TwiML App handles the calls instead of voice_url
+    trunk_sid: str | None = None              # an Elastic SIP Trunk does
+    voice_receive_mode: str = "voice"         # or "fax"
+    friendly_name: str = ""
+    origin: str = "twilio"
+    beta: bool = False
+    date_created: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def uri(self) -> str:
+        return f"/{API_VERSION}/Accounts/{self.account_sid}/IncomingPhoneNumbers/{self.sid}.json"
+
+    def resource(self) -> dict[str, Any]:
+        """The JSON resource, with the fields twilio-python's IncomingPhoneNumberInstance reads."""
+        return {
+            "account_sid": self.account_sid,
+            "address_requirements": "none",
+            "address_sid": None,
+            "api_version": API_VERSION,
+            "beta": self.beta,
+            "capabilities": {"voice": True, "sms": True, "mms": True, "fax": False},
+            "date_created": rfc2822(self.date_created),
+            "date_updated": rfc2822(self.date_created),
+            "emergency_status": "Inactive",
+            "emergency_address_sid": None,
+            "emergency_address_status": "unregistered",
+            "friendly_name": self.friendly_name or self.phone_number,
+            "identity_sid": None,
+            "origin": self.origin,
+            "phone_number": self.phone_number,
+            "sid": self.sid,
+            "sms_application_sid": None,
+            "sms_fallback_method": "POST",
+            "sms_fallback_url": "",
+            "sms_method": "POST",
+            "sms_url": "",
+            "status_callback": self.status_callback,
+            "status_callback_method": self.status_callback_method,
+            "trunk_sid": self.trunk_sid,
+            "uri": self.uri,
+            "voice_receive_mode": self.voice_receive_mode,
+            "voice_application_sid": self.voice_application_sid,
+            "voice_caller_id_lookup": False,
+            "voice_fallback_method": self.voice_fallback_method,
+            "voice_fallback_url": self.voice_fallback_url,
+            "voice_method": self.voice_method,
+            "voice_url": self.voice_url,
+            "bundle_sid": None,
+            "status": "in-use",
+            "type": "local",
+            "subresource_uris": {"assigned_add_ons": self.uri.removesuffix(".json") + "/AssignedAddOns.json"},
+        }
+
+    def matches(self, query) -> bool:
+        """Whether the list filters in ``query`` (PhoneNumber, FriendlyName, Origin, Beta) keep it."""
+        wanted = query.get("PhoneNumber")
+        if wanted and not re.search("".join(r"\d" if c == "*" else re.escape(c) for c in wanted),
+                                    self.phone_number):
+            return False
+        if "FriendlyName" in query and query["FriendlyName"] != (self.friendly_name or self.phone_number):
+            return False
+        if "Origin" in query and query["Origin"] != self.origin:
+            return False
+        # Beta numbers are listed unless Beta=false.
+        return not (self.beta and query.get("Beta", "true").lower() == "false")
+
+
+@dataclass
 class _Fault:
     """An injected answer for the next ``remaining`` matching requests."""
 
@@ -196,6 +288,10 @@ class FakeTwilioApi:
         self.port = port
         self.requests: list[RecordedRequest] = []
         self.calls: dict[str, FakeCall] = {}
+        self.numbers: dict[str, FakeNumber] = {}  # by PN... SID
+        self.account_status = "active"  # or "suspended", "closed"
+        self.account_type = "Full"      # or "Trial"
+        self.friendly_name = "Callgate test account"
         self._create_faults: list[_Fault] = []
         self._delays: list[_Fault] = []
         self._recorded = asyncio.Condition()
@@ -232,14 +328,25 @@ class FakeTwilioApi:
 
     def make_app(self) -> web.Application:
         app = web.Application(middlewares=[self._record_and_authenticate])
-        calls = f"/{API_VERSION}/Accounts/{{account_sid}}/Calls"
+        account = f"/{API_VERSION}/Accounts/{{account_sid}}"
+        calls = account + "/Calls"
         app.router.add_post(calls + ".json", self._create_call)
         app.router.add_post(calls + "/{call_sid}.json", self._update_call)
         app.router.add_get(calls + "/{call_sid}.json", self._fetch_call)
+        app.router.add_get(account + ".json", self._fetch_account)
+        app.router.add_get(account + "/IncomingPhoneNumbers.json", self._list_numbers)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         return app
 
     # -- fault injection and inspection ----------------------------------------------
+
+    def add_number(self, phone_number: str, *, account_sid: str | None = None, **fields: Any) -> FakeNumber:
+        """Put a number on the account (or on ``account_sid``, another one) with the voice
+        configuration in ``fields`` (FakeNumber's: ``voice_url``, ``status_callback``...)."""
+        number = FakeNumber(sid=new_sid("PN"), account_sid=account_sid or self.account_sid,
+                            phone_number=phone_number, **fields)
+        self.numbers[number.sid] = number
+        return number
 
     def fail_next(self, status: int, body: dict[str, Any], count: int = 1) -> None:
         """Answer the next ``count`` authenticated create-call requests with this error."""
@@ -405,6 +512,61 @@ class FakeTwilioApi:
             return twilio_error(21216, f"Timeout must be an integer between 1 and 600: "
                                        f"{timeout}", 400)
         return None
+
+    async def _fetch_account(self, request: web.Request) -> web.Response:
+        sid = request.match_info["account_sid"]
+        if sid != self.account_sid:
+            return await self._not_found(request)
+        now = rfc2822(datetime.now(UTC))
+        base = f"/{API_VERSION}/Accounts/{sid}"
+        return web.json_response({
+            # Twilio's Account resource carries the auth token: a client must never show it.
+            "auth_token": self.auth_token,
+            "date_created": now, "date_updated": now,
+            "friendly_name": self.friendly_name,
+            "owner_account_sid": sid,
+            "sid": sid,
+            "status": self.account_status,
+            "subresource_uris": {name: f"{base}/{name.title().replace('_', '')}.json"
+                                 for name in ("calls", "incoming_phone_numbers", "applications",
+                                              "recordings", "queues", "conferences", "messages")},
+            "type": self.account_type,
+            "uri": base + ".json",
+        })
+
+    async def _list_numbers(self, request: web.Request) -> web.Response:
+        account_sid = request.match_info["account_sid"]
+        if account_sid != self.account_sid:
+            return await self._not_found(request)
+        query = request.query
+        try:
+            size = int(query.get("PageSize", "50"))
+            page = int(query.get("Page", "0"))
+        except ValueError:
+            size = page = -1
+        if not 1 <= size <= MAX_PAGE_SIZE or page < 0:
+            return web.json_response(twilio_error(
+                20001, f"PageSize must be 1 to {MAX_PAGE_SIZE} and Page a whole number", 400), status=400)
+        found = [n for n in self.numbers.values() if n.account_sid == account_sid and n.matches(query)]
+        found.sort(key=lambda n: n.date_created, reverse=True)  # newest first, as Twilio lists them
+        start = page * size
+        shown = found[start:start + size]
+        filters = {k: query[k] for k in ("Beta", "FriendlyName", "PhoneNumber", "Origin") if k in query}
+
+        def page_uri(n: int) -> str:
+            return f"{request.path}?{urlencode({**filters, 'PageSize': size, 'Page': n})}"
+
+        return web.json_response({
+            "end": start + max(len(shown) - 1, 0),
+            "first_page_uri": page_uri(0),
+            "incoming_phone_numbers": [n.resource() for n in shown],
+            "next_page_uri": page_uri(page + 1) if start + size < len(found) else None,
+            "page": page,
+            "page_size": size,
+            "previous_page_uri": page_uri(page - 1) if page > 0 else None,
+            "start": start,
+            "uri": page_uri(page),
+        })
 
     async def _update_call(self, request: web.Request) -> web.Response:
         call = self._call_or_none(request)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import bisect
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -68,6 +68,9 @@ class RelayMeter:
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        # process_cpu_seconds_total, process_resident_memory_bytes, open fds: a relay is bound by
+        # one core and by memory per call, so these size a deployment (ops/grafana).
+        ProcessCollector(registry=self.registry)
         self.limiter_decisions = Counter(
             "callgate_limiter_decisions_total",
             "Limiter answers by operation, result and who decided (database, memory, open, closed, validation)",

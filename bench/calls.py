@@ -82,6 +82,7 @@ FRAME_BYTES = 160
 P99_LIMIT_MS = 20.0
 LOSS_LIMIT = 0.001
 SERVER_CORE, PEER_CORE = 0, 1
+WEBHOOK_FORWARDER = "forwarder+webhook"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -164,7 +165,16 @@ async def forward(request: web.Request) -> web.WebSocketResponse:
     return caller
 
 
-async def serve_role(role: str, port: int, upstream: str) -> None:
+async def webhook(request: web.Request) -> web.Response:
+    """What any Twilio bridge must do before a call's stream: check the webhook's signature and
+    answer with TwiML. No limiter, no cap, no token, no database: the floor of a webhook."""
+    form = dict(await request.post())
+    if not request.app["validator"].validate(PUBLIC_URL + "/twiml", form, request.headers.get("X-Twilio-Signature", "")):
+        return web.Response(status=403)
+    return web.Response(text=request.app["twiml"], content_type="text/xml")
+
+
+async def serve_role(role: str, port: int, upstream: str, with_webhook: bool = False) -> None:
     loop = asyncio.get_running_loop()
     if role == "echo":
         server = await loop.create_server(EchoModel, "127.0.0.1", port, backlog=4096)
@@ -173,6 +183,12 @@ async def serve_role(role: str, port: int, upstream: str) -> None:
         app = web.Application()
         app["upstream"] = upstream
         app.router.add_get("/call", forward)
+        if with_webhook:
+            from twilio.request_validator import RequestValidator
+            app["validator"] = RequestValidator(AUTH_TOKEN)
+            app["twiml"] = (f'<?xml version="1.0" encoding="UTF-8"?><Response><Connect>'
+                            f'<Stream url="ws://127.0.0.1:{port}/call" /></Connect></Response>')
+            app.router.add_post("/twiml", webhook)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
@@ -232,7 +248,7 @@ class Caller(wsraw.ClientPeer):
                 self.record.heard += 1
         elif payload.startswith(b'{"event":"mark"'):
             self.send(payload)  # Twilio echoes a mark once the audio before it has played
-        elif payload.startswith(b'{"event":"start"') and self.callers.cfg["target"] == "forwarder":
+        elif payload.startswith(b'{"event":"start"') and self.callers.cfg["target"] != "callgate":
             if not self.greeted.done():  # (the raw echo sends our own start back)
                 self.record.setup_s = time.perf_counter() - self.started
                 self.greeted.set_result(None)
@@ -325,7 +341,7 @@ class Callers:
         headers = {"Fly-Client-IP": f"10.{serial >> 16 & 255}.{serial >> 8 & 255}.{serial & 255}"}
         params: dict[str, str] = {}
         try:
-            if cfg["target"] == "callgate":
+            if cfg["target"] != "forwarder":  # Callgate, and the forwarder with a webhook
                 form = {"CallSid": call_sid, "AccountSid": "AC" + "0" * 32, "From": f"+1415555{serial % 10000:04d}",
                         "To": "+14155550199", "Direction": "inbound", "CallStatus": "ringing",
                         "ApiVersion": "2010-04-01"}
@@ -613,7 +629,7 @@ class Bench:
         else:
             server = Child(target, "--role", "forwarder", "--port", str(port),
                            "--upstream", f"ws://127.0.0.1:{echo_port}/raw", "--loop", args.loop,
-                           core=SERVER_CORE)
+                           *(["--webhook"] if target == WEBHOOK_FORWARDER else []), core=SERVER_CORE)
         await server.start(log)
         try:
             if target == "callgate":
@@ -689,7 +705,8 @@ class Bench:
         args = self.args
         counts = ([args.calls] if not args.series else
                   list(range(args.series[0], args.series[1] + 1, args.series[2])))
-        targets = ["callgate"] + (["forwarder"] if args.baseline else [])
+        targets = (["callgate"] + (["forwarder"] if args.baseline else [])
+                   + ([WEBHOOK_FORWARDER] if args.webhook_baseline else []))
         best: dict[str, int] = {}
         failed: set[str] = set()
         rounds: list[Round] = []
@@ -711,22 +728,25 @@ class Bench:
                     failed.add(target)
             if failed >= set(targets):
                 break
-        if args.baseline:
+        if args.baseline or args.webhook_baseline:
             self.ratios(rounds, best)
         return 0
 
     def ratios(self, rounds: list[Round], best: dict[str, int]) -> None:
         by = {(r.target, r.calls): r for r in rounds}
-        print("\nCallgate ÷ forwarder, same run:")
-        for (target, calls), r in by.items():
-            f = by.get(("forwarder", calls))
-            if target == "callgate" and f and r.result["p99"] and f.result["p99"] and f.cpu_per_call_s:
-                print(f"  N={calls}: CPU per call-second {r.cpu_per_call_s / f.cpu_per_call_s:.2f}×, "
-                      f"p99 {r.result['p99'] / f.result['p99']:.2f}×, "
-                      f"RSS per live call {(r.rss_live - r.rss_idle) / max(1, f.rss_live - f.rss_idle):.2f}×")
-        if "forwarder" in best or "callgate" in best:
-            cg, fw = best.get("callgate", 0), best.get("forwarder", 0)
-            print(f"  capacity (largest N passing): Callgate {cg}, forwarder {fw}"
+        for reference in ("forwarder", WEBHOOK_FORWARDER):
+            if not any(t == reference for t, _ in by):
+                continue
+            print(f"\nCallgate ÷ {reference}, same run:")
+            for (target, calls), r in by.items():
+                f = by.get((reference, calls))
+                if target == "callgate" and f and r.result["p99"] and f.result["p99"] and f.cpu_per_call_s:
+                    print(f"  N={calls}: CPU per call-second {r.cpu_per_call_s / f.cpu_per_call_s:.2f}×, "
+                          f"p99 {r.result['p99'] / f.result['p99']:.2f}×, "
+                          f"RSS per live call {(r.rss_live - r.rss_idle) / max(1, f.rss_live - f.rss_idle):.2f}×, "
+                          f"CPU per call, whole life {r.cpu_per_call * 1000:.1f} vs {f.cpu_per_call * 1000:.1f} ms")
+            cg, fw = best.get("callgate", 0), best.get(reference, 0)
+            print(f"  capacity (largest N passing): Callgate {cg}, {reference} {fw}"
                   + (f": {cg / fw:.2f}×" if fw else ""))
 
 
@@ -746,6 +766,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=10, help="calls before the counted ones (0: a cold server)")
     parser.add_argument("--cap", type=int, default=100000, help="RATE_LIMIT_MAX_CONCURRENT_CALLS")
     parser.add_argument("--baseline", action="store_true", help="the bare forwarder too, alternating")
+    parser.add_argument("--webhook-baseline", action="store_true",
+                        help="also the forwarder with a signature-checked webhook before each stream (the floor of set-up)")
+    parser.add_argument("--webhook", action="store_true", help=argparse.SUPPRESS)  # the forwarder role's
     parser.add_argument("--series", type=lambda s: tuple(int(x) for x in s.split(":")), default=None,
                         help="a:b:step: walk N up, stop at the first failure")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop",
@@ -763,7 +786,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def amain(args: argparse.Namespace) -> int:
     if args.role in ("echo", "forwarder"):
-        await serve_role(args.role, args.port, args.upstream)
+        await serve_role(args.role, args.port, args.upstream, args.webhook)
         return 0
     if args.role == "callers":
         await run_callers(orjson.loads(args.config))

@@ -111,6 +111,21 @@ class Metrics:
             "callgate_stream_frames_rejected_total",
             "Frames from Twilio's side dropped unrelayed, by reason (malformed, binary, too_fast)",
             ["reason"], registry=self.registry)
+        # Queues that overflow rather than wait: a browser that cannot keep up is cut off, and
+        # call events that cannot reach the other instances are dropped (never a call slowed).
+        self.frontend_dropped = Counter(
+            "callgate_frontend_dropped_total",
+            "/logs clients disconnected for not keeping up, by reason (behind: its queue overflowed; "
+            "stopped_reading: one message took over 5 s to go out)", ["reason"], registry=self.registry)
+        self.fanout_dropped = Counter(
+            "callgate_fanout_dropped_total",
+            "Call events not sent to the other instances, by reason: queue_full and too_big count events, "
+            "database_away and refused count NOTIFY batches of them", 
+            ["reason"], registry=self.registry)
+        for reason in ("behind", "stopped_reading"):
+            self.frontend_dropped.labels(reason)  # exported as 0 from the start: rate() sees the first one
+        for reason in ("queue_full", "database_away", "refused", "too_big"):
+            self.fanout_dropped.labels(reason)
         self.response_failures = Counter(
             "callgate_model_response_failures_total",
             "Model responses that failed or were cut short, by status (failed, incomplete) and code or reason",

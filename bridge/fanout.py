@@ -53,8 +53,10 @@ def _clip(event: Event) -> Event:
 
 
 class PgFanout:
-    def __init__(self, dsn: str, gate: DatabaseGate, queries: Queries, bus: EventBus, instance_id: str) -> None:
+    def __init__(self, dsn: str, gate: DatabaseGate, queries: Queries, bus: EventBus, instance_id: str,
+                 count_drop: Callable[[str], None] = lambda reason: None) -> None:
         self._dsn = dsn
+        self._count_drop = count_drop  # callgate_fanout_dropped_total
         self._gate = gate
         self._q = queries
         self._bus = bus
@@ -70,6 +72,7 @@ class PgFanout:
             self._outbox.put_nowait(_clip(event))
         except asyncio.QueueFull:
             self._dropped += 1
+            self._count_drop("queue_full")
             if self._dropped % 100 == 1:
                 log.warning("fan-out behind: %d event(s) not sent to other instances", self._dropped)
 
@@ -99,9 +102,11 @@ class PgFanout:
                         self._q.events_notify, CHANNEL, p), SEND_TIMEOUT_S)
                 except DatabaseAway:
                     self._dropped += 1
+                    self._count_drop("database_away")
                     log.debug("fan-out: PostgreSQL away, a batch was not sent")
                 except asyncpg.PostgresError as exc:
                     self._dropped += 1
+                    self._count_drop("refused")
                     log.warning("fan-out: a batch was refused (%s)", type(exc).__name__)
 
     def _payloads(self, batch: list[Event]) -> list[str]:
@@ -121,7 +126,10 @@ class PgFanout:
             current.append(event)
         if current:
             payloads.append(self._encode(current))
-        return [p.decode() for p in payloads if len(p) <= MAX_PAYLOAD]
+        fitting = [p.decode() for p in payloads if len(p) <= MAX_PAYLOAD]
+        for _ in range(len(payloads) - len(fitting)):
+            self._count_drop("too_big")
+        return fitting
 
     def _encode(self, events: list[Event]) -> bytes:
         return orjson.dumps({"o": self.instance, "e": events})

@@ -203,7 +203,7 @@ class Client:
         try:
             self.outbox.put_nowait(message)
         except asyncio.QueueFull:
-            self._drop("fell too far behind")
+            self._drop("fell too far behind", "behind")
 
     async def _send_loop(self) -> None:
         while True:
@@ -212,7 +212,7 @@ class Client:
                 async with asyncio.timeout(SEND_TIMEOUT_S):
                     await self.ws.send_str(orjson.dumps(message).decode())
             except TimeoutError:
-                self._drop("stopped reading")
+                self._drop("stopped reading", "stopped_reading")
                 return
             except ConnectionResetError:
                 return
@@ -228,10 +228,11 @@ class Client:
                     await self.outbox.join()
         await self.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
 
-    def _drop(self, why: str) -> None:
+    def _drop(self, why: str, reason: str) -> None:
         if self.gone:
             return
         self.gone = True
+        self.app[METRICS].frontend_dropped.labels(reason).inc()
         log.warning("frontend client %s %s: disconnected", self.id, why)
         # Abort, not close: a close frame would queue behind the data it is not reading.
         if self._transport is not None:

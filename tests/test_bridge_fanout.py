@@ -12,7 +12,7 @@ import aiohttp
 from appkeys import BUS, FANOUT, TOKEN_SECRET
 from bridge import events, tokens
 from bridge.events import EventBus
-from bridge.fanout import MAX_PAYLOAD, PgFanout, _clip
+from bridge.fanout import MAX_PAYLOAD, QUEUE, PgFanout, _clip
 from calls import status
 from db.sql import Queries
 from helpers import callgate, collect
@@ -70,6 +70,18 @@ def test_big_batches_are_split_under_the_notify_limit():
     payloads = fanout._payloads([_clip(e) for e in batch])
     assert len(payloads) >= 2 and all(len(p.encode()) <= MAX_PAYLOAD for p in payloads)
     assert sum(len(json.loads(p)["e"]) for p in payloads) == 6
+
+
+def test_events_past_a_full_outbox_are_dropped_and_counted():
+    """Fan-out never makes a call wait: past its queue, events are dropped, each one counted
+    (callgate_fanout_dropped_total), and the queue still holds what came before."""
+    drops: list[str] = []
+    fanout = PgFanout("postgresql://unused", None, Queries.load(), EventBus(status.rank), "test-instance",
+                      count_drop=drops.append)
+    for i in range(QUEUE + 5):
+        fanout.offer(events.status_changed(f"CA{i}", "connected"))
+    assert drops == ["queue_full"] * 5
+    assert fanout._outbox.qsize() == QUEUE
 
 
 async def test_call_end_sent_to_another_instance_ends_the_call_where_it_streams(dsn):

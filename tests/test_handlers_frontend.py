@@ -12,7 +12,7 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appkeys import CALL_STORE, FRONTEND, LIMITER, TOKEN_SECRET
+from appkeys import CALL_STORE, FRONTEND, LIMITER, METRICS, TOKEN_SECRET
 from bridge import events, tokens
 from helpers import PUBLIC_URL, callgate, sign, wait_until
 from tools.fake_realtime import FakeRealtime
@@ -378,6 +378,9 @@ async def test_a_frozen_client_is_dropped_and_the_call_goes_on(dsn, session):
             if not h.app[FRONTEND].sockets:
                 break
         await wait_until(lambda: not h.app[FRONTEND].sockets, timeout=10, what="the frozen client to be dropped")
+        dropped = sum(h.app[METRICS].registry.get_sample_value("callgate_frontend_dropped_total", {"reason": r})
+                      for r in ("behind", "stopped_reading"))
+        assert dropped == 1  # what an operator's alert on queue overflows counts
         heard_before = len(sim.received_audio)
         await sim.wait_for_audio(heard_before + 8000, timeout=5)
         sent_before = len(model_session.audio_in)

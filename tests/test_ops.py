@@ -311,6 +311,12 @@ ALERT_CASES = {
         [_series("callgate_stream_frames_rejected_total", "0+120x30", reason="too_fast"),
          _series("callgate_stream_frames_rejected_total", "0+30x30", reason="malformed")],
         [("5m", []), ("15m", [{"instance": "a:8081", "reason": "too_fast"}])]),
+    "CallgateQueueOverflow": (
+        [_series("callgate_frontend_dropped_total", "0x10 1x20", reason="behind"),
+         _series("callgate_fanout_dropped_total", "0x30", reason="queue_full"),
+         _series("callgate_frontend_dropped_total", "0x30", reason="behind", instance="b:8081"),
+         _series("callgate_fanout_dropped_total", "0x30", reason="queue_full", instance="b:8081")],
+        [("9m", []), ("18m", [{"instance": "a:8081"}])]),
     "CallgateFrontendRefusals": (
         [_series("callgate_frontend_refused_total", "0+300x30", reason="origin")],
         [("5m", []), ("15m", [{"instance": "a:8081", "reason": "origin"}])]),

@@ -137,8 +137,9 @@ async def database(app: web.Application) -> AsyncIterator[None]:
         app[CALL_STORE] = store = CallStore(db.gate, queries, settings.database_timeout_ms / 1000,
                                             admission.cap_rule(settings), lifecycle.instance_id,
                                             live_here=lifecycle.calls.keys)
-        app[FANOUT] = PgFanout(db.dsn, db.gate, queries, app[BUS], lifecycle.instance_id,
-                               count_drop=lambda reason: app[METRICS].fanout_dropped.labels(reason).inc())
+        app[FANOUT] = fanout = PgFanout(db.dsn, db.gate, queries, app[BUS], lifecycle.instance_id,
+                                        count_drop=lambda reason: app[METRICS].fanout_dropped.labels(reason).inc())
+        fanout.on_listening = lambda: status.catch_up(store, app[BUS])
         app[SERVICES] = Services(settings, limiter, store, app[BUS], app[TWILIO_REST], app[HTTP],
                                  app[TOKEN_SECRET], app[LIFECYCLE])
         app[CALL_SERVICES] = call_services(settings, app)

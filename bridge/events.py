@@ -108,6 +108,13 @@ class EventBus:
     def current_status(self, call_sid: str) -> Event | None:
         return self._status.get(call_sid)
 
+    def followed_statuses(self) -> list[Event]:
+        """The current status of each call someone here follows (every known call, when someone
+        follows them all)."""
+        if self._all:
+            return list(self._status.values())
+        return [self._status[sid] for sid in self._by_call if sid in self._status]
+
     def _remove(self, sub: Subscription) -> None:
         if sub.call_sid is None:
             self._all.discard(sub)

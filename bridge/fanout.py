@@ -5,6 +5,13 @@ status callback) lands on another. Every event published on this instance's bus 
 on the ``callgate_events`` channel; every instance listens, and republishes on its own bus what
 other instances sent. Delivery is best effort, like the bus itself: an event that cannot be
 sent in time is dropped (and counted in the log), never waited for by a call.
+
+Except for a call's status, which a page must not miss (a call shown live that is over): while
+PostgreSQL is away the latest status of each call is kept and sent once it is back; and an
+instance whose listener was away (with PostgreSQL) asks, each time it hears again, for the
+recorded status of the calls its browsers follow (``on_listening``: calls/status.py catch_up),
+now and once more CATCH_UP_AGAIN_S later, when the instance that ended a call meanwhile has
+written its end back.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -37,6 +44,8 @@ QUEUE = 2048              # events waiting to be sent; past it they are dropped
 SEND_TIMEOUT_S = 2.0
 RECONNECT_MAX_S = 10.0
 PROBE_EVERY_S = 20.0      # a listening connection that died without a reset is found this soon
+UNSENT_STATUSES = 1024    # calls whose latest status waits for PostgreSQL's return; oldest go first
+CATCH_UP_AGAIN_S = 5.0    # a call's end made elsewhere meanwhile is written back within ~1 s of the return
 
 
 def _cut(text: str) -> str:
@@ -63,6 +72,10 @@ class PgFanout:
         self.instance = instance_id
         self._outbox: asyncio.Queue[Event] = asyncio.Queue(QUEUE)
         self.on_control: Callable[[Event], None] | None = None
+        # After each (re)LISTEN: what this instance's followers may have missed (calls/status.py).
+        self.on_listening: Callable[[], Awaitable[Any]] | None = None
+        self._unsent: dict[str, Event] = {}  # callSid → its latest status not sent (PostgreSQL away)
+        self._tasks: set[asyncio.Task] = set()  # held: the loop keeps only weak references
         self._dropped = 0
         self.listening = asyncio.Event()
 
@@ -96,38 +109,68 @@ class PgFanout:
             batch = [await self._outbox.get()]
             while not self._outbox.empty() and len(batch) < 64:
                 batch.append(self._outbox.get_nowait())
-            for payload in self._payloads(batch):
+            for payload, events in self._pack(batch):
                 try:
                     await self._gate.run(lambda conn, p=payload: conn.execute(
                         self._q.events_notify, CHANNEL, p), SEND_TIMEOUT_S)
                 except DatabaseAway:
                     self._dropped += 1
                     self._count_drop("database_away")
+                    self._keep_statuses(events)
                     log.debug("fan-out: PostgreSQL away, a batch was not sent")
                 except asyncpg.PostgresError as exc:
                     self._dropped += 1
                     self._count_drop("refused")
                     log.warning("fan-out: a batch was refused (%s)", type(exc).__name__)
 
+    def _keep_statuses(self, events: list[Event]) -> None:
+        """The statuses among events that could not be sent, kept (the latest per call) to be
+        sent when PostgreSQL is back."""
+        first = not self._unsent
+        for event in events:
+            if event["type"] == "call.status_changed":
+                self._unsent.pop(event["callSid"], None)
+                self._unsent[event["callSid"]] = event
+        while len(self._unsent) > UNSENT_STATUSES:
+            self._unsent.pop(next(iter(self._unsent)))
+        if first and self._unsent:
+            self._spawn(self._send_kept_when_back(), "fanout-resend")
+
+    async def _send_kept_when_back(self) -> None:
+        await self._gate.became_up.wait()
+        kept, self._unsent = list(self._unsent.values()), {}
+        for event in kept:
+            self.offer(event)
+
+    def _spawn(self, coro, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _payloads(self, batch: list[Event]) -> list[str]:
+        return [payload for payload, _ in self._pack(batch)]
+
+    def _pack(self, batch: list[Event]) -> list[tuple[str, list[Event]]]:
         """Pack events into as few NOTIFY payloads as fit (measured in bytes, as PostgreSQL
-        does); an event too big on its own is dropped."""
+        does), each with the events it carries; an event too big on its own is dropped."""
         # Sizes add up: encode(events) is the envelope, each event, and a comma between two
         # (orjson writes no spaces), so each event is encoded once to be measured, not once per
         # event after it: a batch of 64 took 2,000 encodings.
         envelope = len(self._encode([]))
-        payloads, current, size = [], [], envelope
+        packed: list[tuple[bytes, list[Event]]] = []
+        current: list[Event] = []
+        size = envelope
         for event in batch:
             n = len(orjson.dumps(event))
             if current and size + 1 + n > MAX_PAYLOAD:
-                payloads.append(self._encode(current))
+                packed.append((self._encode(current), current))
                 current, size = [], envelope
             size += n + (1 if current else 0)
             current.append(event)
         if current:
-            payloads.append(self._encode(current))
-        fitting = [p.decode() for p in payloads if len(p) <= MAX_PAYLOAD]
-        for _ in range(len(payloads) - len(fitting)):
+            packed.append((self._encode(current), current))
+        fitting = [(p.decode(), events) for p, events in packed if len(p) <= MAX_PAYLOAD]
+        for _ in range(len(packed) - len(fitting)):
             self._count_drop("too_big")
         return fitting
 
@@ -146,6 +189,7 @@ class PgFanout:
                 conn.add_termination_listener(lambda _conn: closed.set())
                 await conn.add_listener(CHANNEL, self._on_notify)
                 self.listening.set()
+                self._spawn(self._catch_up(), "fanout-catch-up")
                 delay = 0.5
                 while not closed.is_set():
                     # A connection that died without a reset (a partition, a failover) would
@@ -161,8 +205,26 @@ class PgFanout:
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(conn.close(), 2)
+            if self._gate is not None and not self._gate.up:
+                # Away with PostgreSQL: hear again as soon as it is back, not a back-off later.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._gate.became_up.wait(), RECONNECT_MAX_S)
+                delay = 0.5
+                continue
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_S)
+
+    async def _catch_up(self) -> None:
+        """What this instance's followers missed while it could not hear: now, and again once
+        an end made elsewhere meanwhile has had time to be written back."""
+        if self.on_listening is None:
+            return
+        for wait in (0.0, CATCH_UP_AGAIN_S):
+            await asyncio.sleep(wait)
+            try:
+                await self.on_listening()
+            except Exception:  # noqa: BLE001 - best effort, like the rest of the fan-out
+                log.exception("fan-out catch-up failed")
 
     def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         try:

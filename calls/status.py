@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from bridge import events
 
 if TYPE_CHECKING:
+    from bridge.events import EventBus
     from calls.services import Services
     from db.calls import CallStore
 
@@ -54,6 +55,23 @@ async def record(store: CallStore, call_sid: str, status: str, reason: str | Non
     if reason and not moved:
         return await store.set_end_reason(call_sid, reason)
     return moved
+
+
+async def catch_up(store: CallStore, bus: EventBus) -> int:
+    """Tell this instance's followers what they missed while they could not hear the other
+    instances (the fan-out's listener was away with PostgreSQL): each followed call that is not
+    over yet, whose recorded status moved on, gets that status now. Returns how many did."""
+    behind = {e["callSid"]: e["status"] for e in bus.followed_statuses() if not is_final(e["status"])}
+    if not behind:
+        return 0
+    told = 0
+    for call_sid, (recorded, reason) in (await store.statuses(list(behind))).items():
+        if rank(recorded) > rank(behind[call_sid]):
+            bus.publish(events.status_changed(call_sid, recorded, reason if is_final(recorded) else None), remote=True)
+            told += 1
+    if told:
+        log.info("caught up on %d followed call(s) whose status moved on elsewhere meanwhile", told)
+    return told
 
 
 async def on_callback(services: Services, call_sid: str, status: str, named_charge: str | None) -> None:

@@ -259,6 +259,12 @@ class CallStore:
             return fallback
         return row["charge_id"] if row else None
 
+    async def statuses(self, call_sids: list[str]) -> dict[str, tuple[str, str | None]]:
+        """Recorded (status, end reason) of each of ``call_sids`` found; empty while PostgreSQL is away."""
+        rows = await self._run(lambda conn: conn.fetch(self._q.calls_statuses, call_sids), [],
+                               f"statuses of {len(call_sids)} followed call(s)")
+        return {r["call_sid"]: (r["status"], r["end_reason"]) for r in rows}
+
     async def get(self, call_sid: str) -> dict[str, Any] | None:
         row = await self._fetchrow(self._q.calls_get, call_sid, what=f"call {call_sid}: read")
         return None if row is AWAY or row is None else dict(row)
@@ -293,6 +299,7 @@ class CallStore:
         first time), end dead instances' calls (``on_reaped`` tells followers), and write back
         what was admitted while PostgreSQL was away."""
         joined, last_beat = False, float("-inf")
+        beating_since: float | None = None  # since when every heartbeat of ours got through
         while True:
             recent = time.time() - self.cap.setup_s
             for sid in [sid for sid, at in self._starting.items() if at <= recent]:
@@ -313,16 +320,26 @@ class CallStore:
             last_beat = time.monotonic()
             alive = await self._fetchrow(self._q.instances_heartbeat, self.instance_id, DEAD_AFTER_S,
                                          what="instance heartbeat")
-            if alive is not AWAY:
-                self.instances_alive = int(alive["alive"])
-                if not joined:
-                    joined = True
-                    on_joined()
-                reaped = await self._run(lambda conn: conn.fetch(self._q.instances_reap, DEAD_AFTER_S, final_rank),
-                                         [], "ending dead instances' calls")
-                for row in reaped:
-                    log.warning("call %s: its instance stopped answering; ended (instance_lost)", row["call_sid"])
-                    on_reaped(row["call_sid"])
+            if alive is AWAY:
+                beating_since = None
+                continue
+            self.instances_alive = int(alive["alive"])
+            if not joined:
+                joined = True
+                on_joined()
+            if beating_since is None:
+                beating_since = last_beat
+            # Another instance's silence means it died only if ours was unbroken meanwhile: after
+            # an outage every instance's last heartbeat is old, and the others are back within a
+            # probe and a beat. So no one's calls are ended before our own beats span DEAD_AFTER_S
+            # (tests/test_instances.py: an outage longer than that ended live calls elsewhere).
+            if last_beat - beating_since < DEAD_AFTER_S:
+                continue
+            reaped = await self._run(lambda conn: conn.fetch(self._q.instances_reap, DEAD_AFTER_S, final_rank),
+                                     [], "ending dead instances' calls")
+            for row in reaped:
+                log.warning("call %s: its instance stopped answering; ended (instance_lost)", row["call_sid"])
+                on_reaped(row["call_sid"])
 
     async def write_back(self) -> None:
         """If anything is owed and PostgreSQL answers: write it back (one writer at a time)."""

@@ -38,6 +38,7 @@ class Queries:
     calls_record: str
     calls_release_hold: str
     calls_status: str
+    calls_statuses: str
     calls_stream_start: str
     database_ping: str
     events_notify: str

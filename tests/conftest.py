@@ -18,10 +18,40 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+import logs_traffic
 from db.database import create_pool
 from db.embedded import EmbeddedPostgres
 from db.migrate import migrate
 from helpers import TEST_DB_TIMEOUT_MS, Clock, with_database
+
+TRAFFIC = pytest.StashKey[logs_traffic.Traffic]()
+
+
+@pytest.fixture(autouse=True)
+def logs_traffic_checked(request, monkeypatch) -> logs_traffic.Traffic:
+    """Every /logs frame of every test is checked against protocol.py (tests/logs_traffic.py)."""
+    traffic = request.node.stash[TRAFFIC] = logs_traffic.Traffic()
+    logs_traffic.install(monkeypatch, traffic)
+    yield traffic
+    assert traffic.problems == [], "/logs traffic that protocol.py does not allow:\n" + "\n".join(traffic.problems)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """A /logs message that breaks protocol.py fails the test that produced it."""
+    result = yield
+    problems = item.stash[TRAFFIC].problems if TRAFFIC in item.stash else []
+    if problems:
+        reported, problems[:] = list(problems), []  # reported here, not again at teardown
+        raise AssertionError("/logs traffic that protocol.py does not allow:\n" + "\n".join(reported))
+    return result
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if lines := logs_traffic.summary():
+        terminalreporter.write_sep("-", "/logs traffic against protocol.py")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")

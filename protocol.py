@@ -236,19 +236,23 @@ MESSAGES: tuple[Message, ...] = (
                 ]),
             compat=True),
     Message("call.details", OUT, "For the all-calls monitor (call.subscribe with all) only: a call's record, sent "
-                                 "when the monitor first sees the call and again at its end. It holds no number.",
+                                 "when the monitor first sees the call and again at its end. Its number is masked, never whole.",
             _object("call.details", {
                 "callSid": CALL_SID,
                 # "unknown": a call.start call whose status callback came before its record.
                 "direction": {"enum": [*sorted(DIRECTIONS), "unknown"], "description": "Twilio's word for it"},
                 "region": _string(description="the number's region (US, AU, IN, ...); empty when unknown"),
+                # As limiter/phone.py's mask() writes it: a whole number must never fit here.
+                "number": {"type": ["string", "null"], "pattern": "^\\+[0-9]{1,4}•••([0-9]{4})?$",
+                           "description": "the other party's number masked (the caller's, or the number "
+                                          "called): +1415•••0100; null when only a status callback made the record"},
                 "scenarioId": {"type": ["string", "null"]},
                 "createdAt": {"type": "integer", "description": "epoch ms"},
                 "connectedAt": {"type": ["integer", "null"], "description": "epoch ms; null until connected"},
                 "endedAt": {"type": ["integer", "null"], "description": "epoch ms; null until it ended"},
                 "serverTime": {"type": "integer", "description": "the server's clock (epoch ms), so a browser "
                                                                 "can tell a duration despite its own"},
-            }, ("callSid", "direction", "region", "scenarioId", "createdAt", "connectedAt", "endedAt",
+            }, ("callSid", "direction", "region", "number", "scenarioId", "createdAt", "connectedAt", "endedAt",
                 "serverTime"))),
     Message("transcript.delta", OUT, "A piece of a turn's text as it is spoken (assistant) or transcribed (user).",
             _object("transcript.delta", {"callSid": CALL_SID, "itemId": _string(), "role": {"enum": list(ROLES)},

@@ -113,7 +113,7 @@ async def admit_webhook(services: Services, call: WebhookCall) -> Connect | Refu
               **await _config_parameter(services, call.call_sid, scenario, config, voice)}
     params[tokens.TOKEN_PARAMETER] = tokens.mint(services.token_secret, call.call_sid, params)
     admission = await services.store.admit(call.call_sid, call.charge_id, call.direction, phone.region,
-                                           scenario.id, params)
+                                           scenario.id, params, phone.masked)
     if admission.state in ("ended", "streaming"):
         # A replay (Twilio signatures carry no time): the call had its stream, or has ended.
         # Its charge is the first webhook's, so nothing is refunded.

@@ -141,5 +141,5 @@ async def place(services: Services, request: OutboundRequest, on_placed: Callabl
     log.info("call.start: placed %s to %s (%s)", call_sid, phone.masked, scenario.id)
     services.bus.publish(events.status_changed(call_sid, "queued"))  # for followers elsewhere
     on_placed(placed)
-    await services.store.record(call_sid, reservation, "outbound-api", phone.region, scenario.id)
+    await services.store.record(call_sid, reservation, "outbound-api", phone.region, scenario.id, phone.masked)
     return placed

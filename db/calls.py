@@ -158,7 +158,7 @@ class CallStore:
     # --- the cap ----------------------------------------------------------------------------
 
     async def admit(self, call_sid: str, charge_id: str, direction: str, region: str, scenario_id: str,
-                    stream_params: dict[str, str]) -> Admission:
+                    stream_params: dict[str, str], number_masked: str) -> Admission:
         """The webhook's call: admitted under the cap (or not), or known from before."""
         c = self.cap
         await self.write_back()  # what it let in while PostgreSQL was away counts first
@@ -166,14 +166,15 @@ class CallStore:
             return Admission("new", False, stream_params)
         row = await self._fetchrow(self._q.calls_admit, call_sid, charge_id, direction, region, scenario_id,
                                    c.max_live, c.session_s, c.setup_s, c.hold_s, orjson.dumps(stream_params).decode(),
-                                   ADMISSION_LOCK, what=f"call {call_sid}: admission under the cap ({c.fail_mode} decides)")
+                                   ADMISSION_LOCK, number_masked, what=f"call {call_sid}: admission under the cap ({c.fail_mode} decides)")
         if row is not AWAY:
             if row["admitted"]:
                 self._starting[call_sid] = time.time()
             return Admission(row["state"], row["admitted"], orjson.loads(row["stream_params"]))
         if not self._room_while_away():
             return Admission("new", False, stream_params)
-        self._admitted_away[call_sid] = ((call_sid, charge_id, direction, region, scenario_id, True), time.time())
+        self._admitted_away[call_sid] = ((call_sid, charge_id, direction, region, scenario_id, True, number_masked),
+                                         time.time())
         self._starting[call_sid] = time.time()
         return Admission("new", True, stream_params)
 
@@ -214,9 +215,10 @@ class CallStore:
 
     # --- records ----------------------------------------------------------------------------
 
-    async def record(self, call_sid: str, charge_id: str, direction: str, region: str, scenario_id: str) -> None:
+    async def record(self, call_sid: str, charge_id: str, direction: str, region: str, scenario_id: str,
+                     number_masked: str) -> None:
         """Record a call we placed, before Twilio reports on it."""
-        args = (call_sid, charge_id, direction, region, scenario_id, False)
+        args = (call_sid, charge_id, direction, region, scenario_id, False, number_masked)
         if await self._fetchrow(self._q.calls_record, *args, what=f"call {call_sid}: record (written back later)") is AWAY:
             self._owe("record", call_sid, self._q.calls_record, args)
 
@@ -264,6 +266,12 @@ class CallStore:
         rows = await self._run(lambda conn: conn.fetch(self._q.calls_statuses, call_sids), [],
                                f"statuses of {len(call_sids)} followed call(s)")
         return {r["call_sid"]: (r["status"], r["end_reason"]) for r in rows}
+
+    async def unfinished(self) -> list[tuple[str, str]]:
+        """(CallSid, status) of the calls not over yet, on every instance; empty while away."""
+        rows = await self._run(lambda conn: conn.fetch(self._q.calls_unfinished, self.cap.session_s), [],
+                               "the calls not over yet")
+        return [(r["call_sid"], r["status"]) for r in rows]
 
     async def get(self, call_sid: str) -> dict[str, Any] | None:
         row = await self._fetchrow(self._q.calls_get, call_sid, what=f"call {call_sid}: read")

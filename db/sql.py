@@ -39,6 +39,7 @@ class Queries:
     calls_release_hold: str
     calls_status: str
     calls_statuses: str
+    calls_unfinished: str
     calls_stream_start: str
     database_ping: str
     events_notify: str

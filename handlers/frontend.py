@@ -138,11 +138,12 @@ def _epoch_ms(moment: datetime | None) -> int | None:
 
 
 def call_details(record: dict[str, Any]) -> dict[str, Any]:
-    """A call record as the all-calls monitor sees it: no number (the record holds none), times
+    """A call record as the all-calls monitor sees it: the other party's number masked (the record
+    holds no other form; None when only a status callback made the record), times
     in epoch ms, and the server's clock so a browser can tell a duration despite its own."""
     return {
         "type": "call.details", "callSid": record["call_sid"], "direction": record["direction"],
-        "region": record["region"], "scenarioId": record["scenario_id"],
+        "region": record["region"], "number": record["number_masked"], "scenarioId": record["scenario_id"],
         "createdAt": _epoch_ms(record["created_at"]), "connectedAt": _epoch_ms(record["connected_at"]),
         "endedAt": _epoch_ms(record["ended_at"]), "serverTime": int(time.time() * 1000),
     }
@@ -342,11 +343,7 @@ class Client:
             else:
                 self.described = set()
                 self.follow(None)
-                # The calls live here now, so an operator who opens the page mid-call sees them
-                # (a call streaming on another instance appears at its next event).
-                for call_sid in list(self.app[LIFECYCLE].calls):
-                    if (current := self.app[BUS].current_status(call_sid)) is not None:
-                        self._deliver(current)
+                self.background(self._show_unfinished(), "call.subscribe all")
             return
         call_sid, token = message.get("callSid"), message.get("token")
         if not tokens.check_subscription(self.app[TOKEN_SECRET], call_sid, token):
@@ -375,6 +372,22 @@ class Client:
         current = bus.current_status(call_sid) if call_sid is not None and with_status else None
         if current is not None:
             self._deliver(current)
+
+    async def _show_unfinished(self) -> None:
+        """The calls not over yet, so an operator who opens the page mid-call sees them all: those
+        live here (known even while PostgreSQL is away), then those recorded, on every instance."""
+        bus = self.app[BUS]
+        for call_sid in list(self.app[LIFECYCLE].calls):
+            if (current := bus.current_status(call_sid)) is not None:
+                self._deliver(current)
+        for call_sid, recorded in await self.app[CALL_STORE].unfinished():
+            if call_sid in self.described:
+                continue  # seen already (live here, or an event came first)
+            current = bus.current_status(call_sid)
+            if current is not None and status.is_final(current["status"]):
+                continue  # ended since (the record is behind the bus)
+            self._deliver(current if current is not None and status.rank(current["status"]) >= status.rank(recorded)
+                          else events.status_changed(call_sid, recorded))
 
     def _deliver(self, event: events.Event) -> None:
         self.send(event)

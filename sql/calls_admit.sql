@@ -1,6 +1,7 @@
 -- The voice webhook's admission: the call's state, and whether it is taken under the global
--- cap, in one round trip: callgate_admit (sql/migrations/006_admit_in_one_round_trip.sql)
--- takes the admission lock, then decides with a snapshot that holds every admission
+-- cap, in one round trip: callgate_admit (sql/migrations/006_admit_in_one_round_trip.sql,
+-- called by 008's callgate_admit_numbered, which also writes the masked number) takes the
+-- admission lock, then decides with a snapshot that holds every admission
 -- committed before ours, so instances cannot both take the last place.
 --
 -- $1 call_sid text  $2 charge_id text  $3 direction text  $4 region text  $5 scenario_id text
@@ -10,10 +11,11 @@
 -- $9 hold_s float8 (an outbound call's hold counts this long: its ring timeout plus a grace)
 -- $10 stream_params jsonb (the <Parameter>s a new admission answers with)
 -- $11 lock bigint (db/calls.py's ADMISSION_LOCK)
+-- $12 number_masked text (the caller's number as the logs show it, never whole)
 -- Returns one row:
 --   state text: new (never admitted: decided now), pending (admitted, no stream yet: a retried
 --     webhook, answered as before), streaming (it has its stream), ended (a final status, or
 --     admitted too long ago without a stream: a replay)
 --   admitted boolean: new and taken (its hold was its place, or the cap had room), or pending
 --   stream_params jsonb: what to answer with (pending: the earlier answer)
-SELECT state, admitted, stream_params FROM callgate_admit($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+SELECT state, admitted, stream_params FROM callgate_admit_numbered($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)

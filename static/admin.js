@@ -316,7 +316,8 @@ function callerText(call) {
   const d = call.details;
   if (!d) return '…';
   const direction = DIRECTION_TEXT[d.direction] ?? d.direction ?? '';
-  return [direction, d.region].filter(Boolean).join(' · ') || '—';
+  // d.number is masked by the server (+1415•••0100); the page never sees a whole number.
+  return [d.number, direction, d.region].filter(Boolean).join(' · ') || '—';
 }
 
 function scenarioText(call) {

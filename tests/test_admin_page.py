@@ -16,7 +16,7 @@ import re
 import aiohttp
 import orjson
 import pytest
-from test_browser import CHROMIUM, SHOTS, free_port
+from test_browser import CHROMIUM, SHOTS, chromium, free_port
 
 from appkeys import FRONTEND, LIMITER, TOKEN_SECRET
 from bridge import tokens
@@ -34,15 +34,8 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not in
 
 @pytest.fixture
 async def browser():
-    """Chromium as tests/test_browser.py starts it."""
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+    async with chromium() as browser:
         yield browser
-        await browser.close()
 
 
 async def shot(page, name: str) -> None:
@@ -78,7 +71,8 @@ def no_full_number(text: str, *numbers: str) -> bool:
 @needs_chromium
 async def test_an_operator_watches_calls_come_and_go(dsn, browser):
     """A wrong token is refused and asked for again; with the right one, an outbound call
-    appears live (queued → ringing → connected) with its scenario and no number, an inbound one
+    appears live (queued → ringing → connected) with its scenario and its number masked, never
+    whole, an inbound one
     joins it, durations run, each ends with its reason and moves to recent outcomes, and the
     limiter's counts and decisions show."""
     port = free_port()
@@ -121,11 +115,11 @@ async def test_an_operator_watches_calls_come_and_go(dsn, browser):
         await outbound.webhook(path=fake.url.removeprefix(PUBLIC_URL))
         await outbound.connect()
         await page.locator(f"#live-calls tr[data-call-sid='{sid}'][data-status=connected]").wait_for(timeout=10_000)
-        await row.filter(has_text="Customer service").filter(has_text="Outbound · US").wait_for()
+        await row.filter(has_text="Customer service").filter(has_text="+1415•••0123 · Outbound · US").wait_for()
 
         inbound, _ = await silent_call(h, from_=INBOUND)
         in_row = page.locator(f"#live-calls tr[data-call-sid='{inbound.call_sid}']")
-        await in_row.filter(has_text="Job interview").filter(has_text="Inbound · US").wait_for(timeout=10_000)
+        await in_row.filter(has_text="Job interview").filter(has_text="+1415•••0177 · Inbound · US").wait_for(timeout=10_000)
         assert await page.locator("#live-count").inner_text() == "2"
         # A duration is a clock: it moves on by itself.
         duration = row.locator("td.duration")
@@ -209,7 +203,7 @@ async def receive_until(ws, predicate, timeout: float = 10) -> list[dict]:
 
 
 async def test_the_monitor_gets_each_calls_record_and_a_follower_does_not(dsn):
-    """The all-calls monitor gets call.details (scenario, direction, region, times, no number)
+    """The all-calls monitor gets call.details (scenario, direction, region, the number masked, times)
     after a call's first status and again at its end; a browser following that one call with its
     token gets the same statuses and no call.details."""
     async with FakeRealtime(reply_text="Hello.") as model, callgate(dsn, model=model, ADMIN_TOKEN=TOKEN) as h, \
@@ -232,8 +226,8 @@ async def test_the_monitor_gets_each_calls_record_and_a_follower_does_not(dsn):
     statuses = [(m["status"], m.get("reason")) for m in seen if m["type"] == "call.status_changed"]
     assert statuses == [("connected", None), ("ended", "caller_hangup")]
     first, last = [m for m in seen if m["type"] == "call.details"]
-    assert (first["callSid"], first["scenarioId"], first["direction"], first["region"]) == (
-        call.call_sid, "job-interview", "inbound", "US")
+    assert (first["callSid"], first["scenarioId"], first["direction"], first["region"], first["number"]) == (
+        call.call_sid, "job-interview", "inbound", "US", "+1415•••0177")
     assert first["connectedAt"] is not None and first["endedAt"] is None
     assert last["connectedAt"] == first["connectedAt"] and last["endedAt"] >= last["connectedAt"]
     assert abs(last["serverTime"] - last["endedAt"]) < 10_000

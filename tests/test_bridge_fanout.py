@@ -15,10 +15,11 @@ from bridge.events import EventBus
 from bridge.fanout import MAX_PAYLOAD, QUEUE, PgFanout, _clip
 from calls import status
 from db.sql import Queries
-from helpers import callgate, collect
+from helpers import callgate, collect, until
 from tools.fake_realtime import FakeRealtime
 
 ORIGIN = "https://callgate.test"
+ADMIN = "operator-token-" + "x" * 24
 
 
 async def wait_listening(h) -> None:
@@ -29,8 +30,8 @@ async def wait_listening(h) -> None:
 async def two_instances(dsn, model: FakeRealtime):
     """Instances A and B on one PostgreSQL, both listening for the other's events, and an HTTP
     session for B's browsers (their origin allowed)."""
-    async with callgate(dsn, model=model, ALLOWED_ORIGINS=ORIGIN) as a, \
-            callgate(dsn, model=model, ALLOWED_ORIGINS=ORIGIN) as b, aiohttp.ClientSession() as http:
+    async with callgate(dsn, model=model, ALLOWED_ORIGINS=ORIGIN, ADMIN_TOKEN=ADMIN) as a, \
+            callgate(dsn, model=model, ALLOWED_ORIGINS=ORIGIN, ADMIN_TOKEN=ADMIN) as b, aiohttp.ClientSession() as http:
         await wait_listening(a)
         await wait_listening(b)
         yield a, b, http
@@ -59,6 +60,30 @@ async def test_a_browser_follows_a_call_on_another_instance(dsn):
     assert [e["text"] for e in seen if e["type"] == "transcript.done"] == ["Hello from A."]
     statuses = [e["status"] for e in seen if e["type"] == "call.status_changed"]
     assert statuses.count("ended") == 1 and "connected" in statuses
+
+
+async def test_an_operator_who_subscribes_mid_call_sees_the_calls_live_on_other_instances(dsn):
+    """A call streams on A, quiet; an operator then opens the all-calls monitor on B. B shows it at
+    once, connected, with its record (masked number), though no event of it has crossed since."""
+    async with FakeRealtime() as model, two_instances(dsn, model) as (a, b, http):
+        call = a.call(audio=b"", from_="+14155550177")
+        await call.webhook()
+        with collect(a.bus, call.call_sid) as sub:
+            await call.connect()
+            await model.wait_for_session()
+            await until(sub, lambda e: e.get("status") == "connected")
+        monitor = await http.ws_connect(b.url + "/logs", headers={"Origin": ORIGIN})
+        await monitor.send_str(json.dumps({"type": "call.subscribe", "all": True, "adminToken": ADMIN}))
+        seen = []
+        async with asyncio.timeout(10):
+            while not any(m["type"] == "call.details" for m in seen):
+                seen.append(json.loads((await monitor.receive()).data))
+        await monitor.close()
+        await call.stop()
+    assert seen[0] == {"type": "call.status_changed", "callSid": call.call_sid, "status": "connected"}
+    details = seen[-1]
+    assert (details["callSid"], details["number"], details["scenarioId"]) == (call.call_sid, "+1415•••0177",
+                                                                               "job-interview")
 
 
 def test_big_batches_are_split_under_the_notify_limit():

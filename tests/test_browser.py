@@ -6,6 +6,7 @@ Needs Debian's chromium (/usr/bin/chromium; CI installs it); skipped, saying so,
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 
@@ -23,6 +24,21 @@ NUMBER = "+14155550123"
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 
 
+@contextlib.asynccontextmanager
+async def chromium():
+    """Debian's Chromium, headless, through Playwright (its own browser download is not used)."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        try:
+            yield browser
+        finally:
+            await browser.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -31,14 +47,8 @@ def free_port() -> int:
 
 @pytest.fixture
 async def browser():
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+    async with chromium() as browser:
         yield browser
-        await browser.close()
 
 
 async def shot(page, name: str) -> None:

@@ -28,7 +28,8 @@ async def store_and_proxy(dsn):
 
 
 async def admit(store, call_sid: str, charge_id: str | None = None, params=PARAMS):
-    return await store.admit(call_sid, charge_id or call_sid, "inbound", "US", "job-interview", params)
+    return await store.admit(call_sid, charge_id or call_sid, "inbound", "US", "job-interview", params,
+                             "+1415•••0100")
 
 
 async def test_every_method_answers_as_documented_while_the_database_is_away(store_and_proxy, caplog):
@@ -42,7 +43,7 @@ async def test_every_method_answers_as_documented_while_the_database_is_away(sto
         "admit": (await admit(store, "CA1")).admitted,
         "hold": await store.hold("RS2"),
         "release_hold": await store.release_hold("RS2"),
-        "record": await store.record("CA1", "RS1", "outbound-api", "US", "job-interview"),
+        "record": await store.record("CA1", "RS1", "outbound-api", "US", "job-interview", "+1415•••0101"),
         "put_request": await store.put_request("RS1", "job-interview", "{}", "marin"),
         "get_request": await store.get_request("RS1"),
         "set_status": await store.set_status("CA1", "ringing", 10, final_rank=100),
@@ -95,7 +96,7 @@ async def test_what_happens_while_away_is_recorded_when_the_database_returns(sto
         await store.set_status(call, "connected", 50, final_rank=100)
         await store.set_status(call, "ended", 100, final_rank=100, reason="caller_hangup")
         await store.set_status(call, "connected", 50, final_rank=100)  # late: must not undo the end
-    await store.record("CA3", "RS3", "outbound-api", "US", "job-interview")
+    await store.record("CA3", "RS3", "outbound-api", "US", "job-interview", "+1415•••0103")
     assert store.owed == 6
     proxy.restore()
     assert await store._gate.probe()

@@ -7,12 +7,12 @@
 // (sessionStorage), never in a cookie, localStorage or a URL. As on the main page, text from
 // the server only reaches the page through textContent, never as HTML.
 
+import { openLogsSocket, reconnectDelay } from './logs-socket.js';
+
 const TOKEN_KEY = 'callgate.adminToken';
 const POLL_MS = 5000;
 const RECENT_MAX = 50; // ended calls kept on the page
 const ANNOUNCE_CLEAR_MS = 4000;
-const RECONNECT_MIN_MS = 500;
-const RECONNECT_MAX_MS = 10_000;
 const SLOW_DOWN_RETRY_MS = 60_000;
 const REFRESH_AFTER_CHANGE_MS = 500; // a call came or went: counts and health are checked again soon
 const FINAL_STATUSES = new Set(['ended', 'busy', 'no-answer', 'failed', 'canceled']);
@@ -167,16 +167,8 @@ async function getStats(token) {
 // --- the all-calls monitor --------------------------------------------------------------
 
 function connect() {
-  clearTimeout(state.reconnectTimer);
   setConn('connecting', 'Connecting…');
-  const url = new URL('/logs', location.href);
-  url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
-  const socket = new WebSocket(url);
-  state.socket = socket;
-  // A replaced socket may still fire events; only the current one counts.
-  socket.addEventListener('open', () => socket === state.socket && onOpen());
-  socket.addEventListener('message', (event) => socket === state.socket && onMessage(event));
-  socket.addEventListener('close', () => socket === state.socket && onClose());
+  openLogsSocket(state, { open: onOpen, message: onMessage, close: onClose });
 }
 
 function onOpen() {
@@ -204,12 +196,6 @@ function onClose() {
   setConn('closed', `Disconnected — reconnecting in ${Math.ceil(delay / 1000)} s`);
   announce('The live feed is disconnected; reconnecting.');
   state.reconnectTimer = setTimeout(connect, delay);
-}
-
-// 0.5 s doubling to 10 s, ±20 % jitter so many tabs do not return all at once.
-function reconnectDelay(attempt) {
-  const base = Math.min(RECONNECT_MAX_MS, RECONNECT_MIN_MS * 2 ** attempt);
-  return Math.round(base * (0.8 + Math.random() * 0.4));
 }
 
 // Come back at once when the network or the tab does, instead of waiting out the back-off.

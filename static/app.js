@@ -4,9 +4,9 @@
 // back, re-checks the number and resubscribes to the call this tab is following. Text from
 // the server only ever reaches the page through textContent / new Option(), never as HTML.
 
+import { RECONNECT_MAX_MS, openLogsSocket, reconnectDelay } from './logs-socket.js';
+
 const CHECK_DEBOUNCE_MS = 300;
-const RECONNECT_MIN_MS = 500;
-const RECONNECT_MAX_MS = 10_000;
 const MIN_DIALLABLE = 8; // fewer keys than any full number in US/AU/IN: not worth asking yet
 const MAX_DIALLABLE = 15; // E.164's longest
 const CALL_STORAGE_KEY = 'callgate.call'; // {callSid, token} of the call being followed
@@ -110,16 +110,8 @@ function send(message) {
 }
 
 function connect() {
-  clearTimeout(state.reconnectTimer);
   setConn('connecting', 'Connecting…');
-  const url = new URL('/logs', location.href);
-  url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
-  const socket = new WebSocket(url);
-  state.socket = socket;
-  // A replaced socket may still fire events; only the current one counts.
-  socket.addEventListener('open', () => socket === state.socket && onOpen());
-  socket.addEventListener('message', (event) => socket === state.socket && onMessage(event));
-  socket.addEventListener('close', () => socket === state.socket && onClose());
+  openLogsSocket(state, { open: onOpen, message: onMessage, close: onClose });
 }
 
 function onOpen() {
@@ -145,12 +137,6 @@ function onClose() {
   state.resuming = false;
   state.hangingUp = false;
   updateControls();
-}
-
-// 0.5 s doubling to 10 s, ±20 % jitter so many tabs do not return all at once.
-function reconnectDelay(attempt) {
-  const base = Math.min(RECONNECT_MAX_MS, RECONNECT_MIN_MS * 2 ** attempt);
-  return Math.round(base * (0.8 + Math.random() * 0.4));
 }
 
 // Come back at once when the network or the tab does, instead of waiting out the back-off.

@@ -1,0 +1,25 @@
+// The /logs WebSocket as both pages keep it (app.js: the main page; admin.js: the operator's):
+// one current socket whose events count, and the back-off between reconnects.
+
+export const RECONNECT_MIN_MS = 500;
+export const RECONNECT_MAX_MS = 10_000;
+
+// Opens /logs on this page's own host (wss: behind https) as state.socket. A replaced socket
+// may still fire events; only the current one's reach `on`.
+export function openLogsSocket(state, on) {
+  clearTimeout(state.reconnectTimer);
+  const url = new URL('/logs', location.href);
+  url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
+  const socket = new WebSocket(url);
+  state.socket = socket;
+  socket.addEventListener('open', () => socket === state.socket && on.open());
+  socket.addEventListener('message', (event) => socket === state.socket && on.message(event));
+  socket.addEventListener('close', () => socket === state.socket && on.close());
+  return socket;
+}
+
+// 0.5 s doubling to 10 s, ±20 % jitter so many tabs do not return all at once.
+export function reconnectDelay(attempt) {
+  const base = Math.min(RECONNECT_MAX_MS, RECONNECT_MIN_MS * 2 ** attempt);
+  return Math.round(base * (0.8 + Math.random() * 0.4));
+}

@@ -118,3 +118,12 @@ async def pool(dsn: str):
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
+
+
+@pytest.fixture
+async def browser():
+    """Headless Chromium for a browser test (tests/browsers.py); mark the test needs_chromium."""
+    from browsers import chromium
+
+    async with chromium() as browser:
+        yield browser

@@ -10,41 +10,21 @@ without it.
 
 from __future__ import annotations
 
-import os
 import re
 
 import aiohttp
 import orjson
-import pytest
-from test_browser import CHROMIUM, SHOTS, chromium, free_port
 
 from appkeys import FRONTEND, LIMITER, TOKEN_SECRET
 from bridge import tokens
-from helpers import PUBLIC_URL, ROOT, callgate, proxied, silent_call, wait_until
+from browsers import needs_chromium, shot
+from helpers import PUBLIC_URL, callgate, free_port, proxied, silent_call, wait_until
 from tools.fake_realtime import FakeRealtime
 
-DOCS_IMG = ROOT / "docs" / "img"
 TOKEN = "operator-token-0123456789abcdef"
 OUTBOUND = "+14155550123"   # placed with call.start
 INBOUND = "+14155550177"    # calls in
 CALLER_ID = "+14155550000"
-
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
-
-
-@pytest.fixture
-async def browser():
-    async with chromium() as browser:
-        yield browser
-
-
-async def shot(page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
-    if os.environ.get("CALLGATE_DOCS_SCREENSHOTS") == "1":
-        DOCS_IMG.mkdir(parents=True, exist_ok=True)
-        await page.screenshot(path=str(DOCS_IMG / f"{name}.png"), full_page=True)
-
 
 async def open_admin(browser, h):
     """A laptop-sized tab on /admin; page errors and CSP violations are collected."""
@@ -86,7 +66,7 @@ async def test_an_operator_watches_calls_come_and_go(dsn, browser):
         await error.filter(has_text="not accepted").wait_for()
         assert await page.locator("#dashboard").is_hidden()
         assert await page.locator("#token").get_attribute("aria-invalid") == "true"
-        await shot(page, "admin-wrong-token")
+        await shot(page, "admin-wrong-token", for_docs=True)
 
         await sign_in(page)
         await page.wait_for_selector("#conn[data-state=open]")
@@ -128,7 +108,7 @@ async def test_an_operator_watches_calls_come_and_go(dsn, browser):
         await duration.filter(has_not_text=first).wait_for(timeout=5_000)
         await page.locator("#limiter-calls").filter(has_text="2").wait_for(timeout=10_000)
         await page.locator("#decisions tr[data-result=allowed]").first.wait_for()
-        await shot(page, "admin-live")
+        await shot(page, "admin-live", for_docs=True)
 
         # The caller hangs up one; the other is ended from the placing page.
         await inbound.stop()
@@ -143,7 +123,7 @@ async def test_an_operator_watches_calls_come_and_go(dsn, browser):
         await page.locator("#live-empty").wait_for()
         assert await page.locator("#live-calls tbody tr").count() == 0
         await page.locator("#health-calls").filter(has_text=re.compile(r"^0$")).wait_for(timeout=10_000)
-        await shot(page, "admin-ended")
+        await shot(page, "admin-ended", for_docs=True)
 
         text, html = await page.locator("body").inner_text(), await page.content()
         assert no_full_number(text, OUTBOUND, INBOUND, CALLER_ID), text

@@ -6,54 +6,17 @@ Needs Debian's chromium (/usr/bin/chromium; CI installs it); skipped, saying so,
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import socket
-
 import orjson
-import pytest
 
 from appkeys import LIMITER
-from helpers import ROOT, callgate
+from browsers import needs_chromium, shot
+from helpers import callgate, free_port
 from tools.fake_realtime import FakeRealtime
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-SHOTS = ROOT / "test-artifacts" / "screenshots"
 NUMBER = "+14155550123"
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+pytestmark = needs_chromium
 
-
-@contextlib.asynccontextmanager
-async def chromium():
-    """Debian's Chromium, headless, through Playwright (its own browser download is not used)."""
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as p:
-        browser = await p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        try:
-            yield browser
-        finally:
-            await browser.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-async def browser():
-    async with chromium() as browser:
-        yield browser
-
-
-async def shot(page, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    await page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
 async def test_a_person_checks_a_number_places_a_call_and_hits_the_limit(dsn, browser):

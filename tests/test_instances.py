@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import sys
 import time
 import uuid
@@ -34,7 +33,18 @@ from bridge.fanout import RECONNECT_MAX_S
 from calls.admission import SAY_BUSY
 from config import VARIABLES
 from db.calls import DEAD_AFTER_S, HEARTBEAT_S
-from helpers import AUTH_TOKEN, MODEL_KEY, PUBLIC_URL, ROOT, TEST_KEY, hangups, proxied, wait_until, with_database
+from helpers import (
+    AUTH_TOKEN,
+    MODEL_KEY,
+    PUBLIC_URL,
+    ROOT,
+    TEST_KEY,
+    free_port,
+    hangups,
+    proxied,
+    wait_until,
+    with_database,
+)
 from tools.fake_realtime import FakeRealtime
 from tools.fake_twilio_api import FakeTwilioApi
 from tools.simulate_call import SimulatedCall, silence
@@ -47,11 +57,6 @@ START_TIMEOUT_S = 60.0  # two processes starting at once on a busy 2-core machin
 # last heartbeat, and another instance notices at its own next heartbeat (every HEARTBEAT_S).
 REAP_BOUND_S = DEAD_AFTER_S + HEARTBEAT_S + 2.0
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def number(i: int) -> str:

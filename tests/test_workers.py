@@ -16,19 +16,13 @@ from pathlib import Path
 import orjson
 import pytest
 
-from tests.helpers import wait_until
+from tests.helpers import free_port, wait_until
 from tools.simulate_call import SimulatedCall
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC_URL = "https://callgate.test"
 AUTH_TOKEN = "workers-test-token"
 
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def postmasters(data_dir: Path) -> list[int]:

@@ -147,9 +147,6 @@ class PgFanout:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _payloads(self, batch: list[Event]) -> list[str]:
-        return [payload for payload, _ in self._pack(batch)]
-
     def _pack(self, batch: list[Event]) -> list[tuple[str, list[Event]]]:
         """Pack events into as few NOTIFY payloads as fit (measured in bytes, as PostgreSQL
         does), each with the events it carries; an event too big on its own is dropped."""

@@ -95,7 +95,7 @@ def test_big_batches_are_split_under_the_notify_limit():
     hindi = "नमस्ते, आपका कॉल कैसा रहा? " * 200  # 3 bytes a character in UTF-8
     batch = [events.transcript_done("CA1", f"item_{i}", "assistant", hindi if i % 2 else "x" * 5000)
              for i in range(6)]
-    payloads = fanout._payloads([_clip(e) for e in batch])
+    payloads = [payload for payload, _ in fanout._pack([_clip(e) for e in batch])]
     assert len(payloads) >= 2 and all(len(p.encode()) <= MAX_PAYLOAD for p in payloads)
     assert sum(len(json.loads(p)["e"]) for p in payloads) == 6
 

@@ -267,11 +267,12 @@ class CallStore:
                                f"statuses of {len(call_sids)} followed call(s)")
         return {r["call_sid"]: (r["status"], r["end_reason"]) for r in rows}
 
-    async def unfinished(self) -> list[tuple[str, str]]:
-        """(CallSid, status) of the calls not over yet, on every instance; empty while away."""
+    async def unfinished(self) -> list[dict[str, Any]]:
+        """The records (as ``get`` gives them) of the calls not over yet, on every instance;
+        empty while PostgreSQL is away."""
         rows = await self._run(lambda conn: conn.fetch(self._q.calls_unfinished, self.cap.session_s), [],
                                "the calls not over yet")
-        return [(r["call_sid"], r["status"]) for r in rows]
+        return [dict(r) for r in rows]
 
     async def get(self, call_sid: str) -> dict[str, Any] | None:
         row = await self._fetchrow(self._q.calls_get, call_sid, what=f"call {call_sid}: read")

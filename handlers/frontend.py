@@ -380,37 +380,42 @@ class Client:
         for call_sid in list(self.app[LIFECYCLE].calls):
             if (current := bus.current_status(call_sid)) is not None:
                 self._deliver(current)
-        for call_sid, recorded in await self.app[CALL_STORE].unfinished():
+        for record in await self.app[CALL_STORE].unfinished():
+            call_sid, recorded = record["call_sid"], record["status"]
             if call_sid in self.described:
                 continue  # seen already (live here, or an event came first)
             current = bus.current_status(call_sid)
             if current is not None and status.is_final(current["status"]):
                 continue  # ended since (the record is behind the bus)
             self._deliver(current if current is not None and status.rank(current["status"]) >= status.rank(recorded)
-                          else events.status_changed(call_sid, recorded))
+                          else events.status_changed(call_sid, recorded), record)
 
-    def _deliver(self, event: events.Event) -> None:
+    def _deliver(self, event: events.Event, record: dict[str, Any] | None = None) -> None:
+        """Send ``event``; to the monitor, also the call's record (``record``, when in hand)."""
         self.send(event)
         if event["type"] != "call.status_changed":
             return
         final = status.is_final(event["status"])
         if self.described is not None and (final or event["status"] in ANSWERED
                                            or event["callSid"] not in self.described):
-            self._describe(event["callSid"], final)
+            self._describe(event["callSid"], final, record)
         if final:
             sub = self.followed.pop(event["callSid"], None)  # its last event: stop following
             if sub is not None:
                 sub.close()
 
-    def _describe(self, call_sid: str, final: bool) -> None:
+    def _describe(self, call_sid: str, final: bool, record: dict[str, Any] | None = None) -> None:
         """The monitor's view of a call beyond its events, from its record (shared by every
         instance): sent when a call is first seen, and again when it is answered and when it
-        ends, for their times."""
+        ends, for their times. ``record``: already read (the calls shown at subscribe)."""
         described = self.described
         if final:
             described.discard(call_sid)
         else:
             described.add(call_sid)
+        if record is not None:
+            self.send(call_details(record))
+            return
 
         async def send_details() -> None:
             record = await self.app[CALL_STORE].get(call_sid)

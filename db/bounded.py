@@ -74,13 +74,17 @@ class DatabaseGate:
     """
 
     def __init__(self, pool: asyncpg.Pool, probe_sql: str, migrate: Callable[[asyncpg.Connection], Awaitable[Any]],
-                 timeout: float) -> None:
+                 timeout: float, warm_up: Callable[[asyncpg.Connection], Awaitable[Any]] | None = None) -> None:
+        """``warm_up``: run on each connection the pool opens once the schema is migrated (and on
+        the one that migrated it), before it is lent (db/warmup.py); the pool calls
+        ``on_connect``."""
         self.pool = pool
         self.up = False            # PostgreSQL answered the last call or probe (and is migrated)
         self.migrated = False
         self.applied: list[str] = []  # migrations this process applied
         self._probe_sql = probe_sql
         self._migrate = migrate
+        self._warm_up = warm_up
         self._timeout = timeout
         self.became_up = asyncio.Event()  # set each time it comes (back) up; for write-backs
         self.up_since = 0.0  # time.monotonic() when it last came (back) up
@@ -102,6 +106,7 @@ class DatabaseGate:
             if not self.migrated:
                 self.applied = await self._migrate(conn)
                 self.migrated = True
+                await self.on_connect(conn)  # opened before the schema was there: cold
             await conn.fetchval(self._probe_sql)
 
         try:
@@ -116,6 +121,12 @@ class DatabaseGate:
         else:
             self._set(True)
         return self.up
+
+    async def on_connect(self, conn: asyncpg.Connection) -> None:
+        """The pool's ``init``: a new connection, warmed before it is lent (once migrated: before
+        that its statements do not exist yet)."""
+        if self.migrated and self._warm_up is not None:
+            await self._warm_up(conn)
 
     async def _warm(self) -> None:
         """Open the whole pool now, not during the next burst of calls: each new connection

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
@@ -21,6 +23,7 @@ from db.bounded import DatabaseGate
 from db.embedded import EmbeddedPostgres
 from db.migrate import migrate
 from db.sql import Queries
+from db.warmup import warm_up
 
 log = logging.getLogger("callgate.db")
 
@@ -50,9 +53,10 @@ class Database:
         return "embedded" if self.embedded else "external"
 
 
-async def create_pool(dsn: str, size: int, client_timeout_ms: int) -> asyncpg.Pool:
+async def create_pool(dsn: str, size: int, client_timeout_ms: int,
+                      init: Callable[[asyncpg.Connection], Awaitable[Any]] | None = None) -> asyncpg.Pool:
     """A pool that connects when first used (min_size 0): it can be made while PostgreSQL is
-    away, and heals by itself when it returns."""
+    away, and heals by itself when it returns. ``init`` runs on each new connection."""
     return await asyncpg.create_pool(
         dsn,
         min_size=0,
@@ -64,6 +68,7 @@ async def create_pool(dsn: str, size: int, client_timeout_ms: int) -> asyncpg.Po
         max_inactive_connection_lifetime=0,
         server_settings=server_settings(client_timeout_ms),
         reset=_keep_session,
+        init=init,
     )
 
 
@@ -90,9 +95,12 @@ async def open_database(settings: Settings, *, require: bool = False) -> AsyncIt
         dsn = await asyncio.to_thread(embedded.start)
     try:
         queries = Queries.load()  # every sql/*.sql, read once and checked
-        pool = await create_pool(dsn, settings.pool_size, settings.database_timeout_ms)
+        # (The pool opens no connection before the gate exists: min_size 0.)
+        pool = await create_pool(dsn, settings.pool_size, settings.database_timeout_ms,
+                                 init=lambda conn: gate.on_connect(conn))
         try:
-            gate = DatabaseGate(pool, queries.database_ping, migrate, settings.database_timeout_ms / 1000)
+            gate = DatabaseGate(pool, queries.database_ping, migrate, settings.database_timeout_ms / 1000,
+                                warm_up=functools.partial(warm_up, q=queries))
             if await gate.probe():  # once, bounded: usually PostgreSQL is there at start
                 log.info("schema up to date")
             elif require:

@@ -79,6 +79,9 @@ class CallSetup:
     scenario: Scenario
     config: dict[str, str]
     voice: str
+    # The stream's start moved the call's record to connected already (sql/calls_stream_start.sql):
+    # the bridge only announces it.
+    connected_recorded: bool = False
 
 
 @dataclass
@@ -147,7 +150,10 @@ class Call:
     async def run(self) -> str:
         """Run the call to its end; returns why it ended. Never raises for call failures.
         If the handler running it is cancelled, the call is still finalised before this returns."""
-        await self._announce("connected")
+        if self.setup.connected_recorded:
+            self._bus.publish(events.status_changed(self.call_sid, "connected"))
+        else:
+            await self._announce("connected")
         caller = asyncio.create_task(self.caller_to_model(), name=f"{self.call_sid}:caller_to_model")
         end_request = self._end_requested
         tasks: set[asyncio.Task] = {caller}

@@ -10,8 +10,8 @@ One inbound call, file by file:
    if refused; a retried webhook gets the same answer, a replayed one a hang-up)
    → ``Connect`` (the handler renders ``<Connect><Stream>``) or ``Refuse`` (``<Say>``, ``<Hangup/>``);
 3. Twilio opens ``/call``: ``handlers/twilio.py`` ``media_stream`` reads ``start``, then here,
-   ``admit_stream``: the token checked and spent once, the call marked streaming here, once
-   (``sql/calls_stream_start.sql``) → a ``CallSetup``;
+   ``admit_stream``: the token checked and spent once, the call marked streaming here, once,
+   and connected (``sql/calls_stream_start.sql``) → a ``CallSetup``;
 4. ``bridge/call.py`` runs the call; its statuses go through ``calls/status.py``;
 5. Twilio's status callbacks: ``handlers/twilio.py`` → ``calls/status.py`` ``on_callback``
    (refunds a call that never connected).
@@ -31,6 +31,7 @@ import scenarios
 from bridge import tokens
 from bridge import twilio as wire
 from bridge.call import CallSetup
+from calls import status
 from calls.services import Services
 from db.calls import Cap
 from limiter.errors import InvalidNumber
@@ -183,7 +184,9 @@ async def admit_stream(services: Services, start: wire.Start) -> CallSetup:
         claims = tokens.verify(services.token_secret, params.get(tokens.TOKEN_PARAMETER), start.call_sid, params)
     except tokens.TokenError as exc:
         raise StreamRefused(str(exc)) from None
-    if not await services.store.start_stream(claims.jti, start.call_sid, claims.expires):
+    started = await services.store.start_stream(claims.jti, start.call_sid, claims.expires,
+                                                connected=("connected", status.rank("connected")))
+    if not started.first:
         raise StreamRefused("stream token already used, or the call already had its stream")
     try:
         scenario = scenarios.get(params.get("scenarioId"))
@@ -195,4 +198,4 @@ async def admit_stream(services: Services, start: wire.Start) -> CallSetup:
         config = orjson.loads(stored["config"]) if stored else {}
     # The parameters are ours (the token proves it): whatever changed since is defaulted.
     return CallSetup(start.call_sid, start.stream_sid, scenario, scenario.validate(config, lenient=True),
-                     scenario.voice(params.get("voice"), lenient=True))
+                     scenario.voice(params.get("voice"), lenient=True), connected_recorded=started.connected)

@@ -27,8 +27,9 @@ method             when PostgreSQL is away
                    back later), so refunding without the record cannot refund twice
 ``get``            None: the call is unknown here
 ``start_stream``   the token is single use on this instance only, until it expires (minutes);
-                   the stream start is recorded when PostgreSQL returns (the call then counts
-                   as streaming here, and is ended by another instance if this one dies)
+                   the stream start (and ``connected``) is recorded when PostgreSQL returns
+                   (the call then counts as streaming here, and is ended by another instance
+                   if this one dies)
 ``cleanup``        0: the next run deletes what this one could not
 =================  ============================================================================
 
@@ -97,6 +98,17 @@ class Admission:
     state: str
     admitted: bool
     stream_params: dict[str, str]
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    """What the store says of a stream's start: ``first``, it may run (its token unspent, the
+    call's first stream); ``connected``, the call's status moved to connected with it (news for
+    followers, and nothing more to record for it). Not ``connected`` when the record was not
+    there to move (PostgreSQL away, or the call admitted while it was): the bridge records it."""
+
+    first: bool
+    connected: bool
 
 
 class CallStore:
@@ -278,23 +290,24 @@ class CallStore:
         row = await self._fetchrow(self._q.calls_get, call_sid, what=f"call {call_sid}: read")
         return None if row is AWAY or row is None else dict(row)
 
-    async def start_stream(self, jti: str, call_sid: str, expires: float) -> bool:
-        """True for the first stream of a call, with a token used for the first time; the call is
-        then marked streaming on this instance. False for a token spent before, or a call that
-        has had its stream (or has ended): one CallSid gets one media stream, ever."""
-        args = (jti, call_sid, self.instance_id)
+    async def start_stream(self, jti: str, call_sid: str, expires: float, connected: tuple[str, int]) -> StreamStart:
+        """``first`` for the first stream of a call, with a token used for the first time; the call
+        is then marked streaming on this instance, and moved to the ``connected`` status (name,
+        rank) in the same statement. Not ``first`` for a token spent before, or a call that has
+        had its stream (or has ended): one CallSid gets one media stream, ever."""
+        args = (jti, call_sid, self.instance_id, connected[1], connected[0])
         row = await self._fetchrow(self._q.calls_stream_start, *args,
                                    what=f"call {call_sid}: stream start (token single use on this instance only)")
         if row is not AWAY:
-            return bool(row["first_use"]) and (bool(row["started"]) or not row["known"])
+            return StreamStart(bool(row["first_use"]) and (bool(row["started"]) or not row["known"]), bool(row["moved"]))
         self._owe("stream", call_sid, self._q.calls_stream_start, args)
         now = time.time()
         for old in [j for j, until in self._spent_here.items() if until < now]:
             del self._spent_here[old]
         if jti in self._spent_here:
-            return False
+            return StreamStart(False, False)
         self._spent_here[jti] = expires
-        return True
+        return StreamStart(True, False)
 
     # --- upkeep -----------------------------------------------------------------------------
 

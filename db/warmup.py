@@ -37,7 +37,7 @@ async def warm_up(conn: asyncpg.Connection, q: Queries) -> None:
         await conn.fetch(q.limiter_hit, [key], [ident], [1], [1000], [0], [None], [None], [False], ["ZZ"])
         await conn.fetchrow(q.calls_admit, ident, ident, "inbound", "ZZ", "default", 1, 1.0, 1.0, 1.0, "{}",
                             0, "")  # lock 0: not the admission lock, so no admission waits for this
-        await conn.fetchrow(q.calls_stream_start, ident, ident, ident)
+        await conn.fetchrow(q.calls_stream_start, ident, ident, ident, 30, "connected")
         await conn.fetchrow(q.calls_status, ident, "ended", 100, "warm-up", None, 100)
         await conn.fetchrow(q.calls_end_reason, ident, "warm-up")
         await conn.fetchrow(q.limiter_refund, ident)

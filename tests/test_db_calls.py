@@ -10,9 +10,12 @@ import time
 
 import pytest
 
+from calls.status import rank
 from db.calls import DEAD_AFTER_S
 from db.database import create_pool
 from helpers import make_store, proxied
+
+CONNECTED = ("connected", rank("connected"))
 
 PARAMS = {"scenarioId": "job-interview", "voice": "marin", "token": "t1"}
 
@@ -89,9 +92,9 @@ async def test_what_happens_while_away_is_recorded_when_the_database_returns(sto
     caplog.set_level(logging.WARNING, logger="callgate.calls")
     assert (await admit(store, "CA1")).admitted  # before: recorded at once
     proxy.cut()
-    assert await store.start_stream("jti-1", "CA1", time.time() + 60)
+    assert (await store.start_stream("jti-1", "CA1", time.time() + 60, CONNECTED)).first
     assert (await admit(store, "CA2")).admitted
-    assert await store.start_stream("jti-2", "CA2", time.time() + 60)
+    assert (await store.start_stream("jti-2", "CA2", time.time() + 60, CONNECTED)).first
     for call in ("CA1", "CA2"):
         await store.set_status(call, "connected", 50, final_rank=100)
         await store.set_status(call, "ended", 100, final_rank=100, reason="caller_hangup")
@@ -153,12 +156,33 @@ async def test_a_retried_webhook_gets_the_same_answer_and_a_replay_gets_none(poo
     retry = await admit(store, "CA1", params={**PARAMS, "token": "t2"})
     assert (first.state, first.admitted, retry.state, retry.admitted) == ("new", True, "pending", True)
     assert retry.stream_params == PARAMS
-    assert await store.start_stream("jti-1", "CA1", time.time() + 60) is True
-    assert await store.start_stream("jti-2", "CA1", time.time() + 60) is False  # one stream, ever
+    assert (await store.start_stream("jti-1", "CA1", time.time() + 60, CONNECTED)).first is True
+    assert (await store.start_stream("jti-2", "CA1", time.time() + 60, CONNECTED)).first is False  # one stream, ever
     assert (await admit(store, "CA1")).state == "streaming"
     await store.set_status("CA1", "ended", 100, final_rank=100)
     replay = await admit(store, "CA1")
     assert (replay.state, replay.admitted) == ("ended", False)
+
+
+async def test_a_stream_start_records_the_call_connected_once(pool):
+    """The stream's start is the call's connection: its record says connected (moved, news to
+    announce) in the same statement, whatever Twilio said first; nothing moves for a second
+    start, nor backwards for a call Twilio already ended."""
+    store = make_store(pool, max_live=5)
+    for call in ("CA1", "CA2", "CA3"):
+        await admit(store, call)
+    await store.set_status("CA2", "in-progress", rank("in-progress"), final_rank=100)  # Twilio's callback first
+    await store.set_status("CA3", "ended", 100, final_rank=100)
+    first = await store.start_stream("jti-1", "CA1", time.time() + 60, CONNECTED)
+    after_callback = await store.start_stream("jti-2", "CA2", time.time() + 60, CONNECTED)
+    again = await store.start_stream("jti-3", "CA1", time.time() + 60, CONNECTED)
+    ended = await store.start_stream("jti-4", "CA3", time.time() + 60, CONNECTED)
+    assert (first.first, first.connected, after_callback.first, after_callback.connected) == (True, True, True, True)
+    assert (again.first, again.connected, ended.first, ended.connected) == (False, False, False, False)
+    rows = {r["call_sid"]: (r["status"], r["connected_at"] is not None, r["streamed_at"] is not None)
+            for r in await pool.fetch("SELECT * FROM calls")}
+    assert rows == {"CA1": ("connected", True, True), "CA2": ("connected", True, True), "CA3": ("ended", False, False)}
+    assert not await store.set_status("CA1", "connected", rank("connected"), final_rank=100)  # already there
 
 
 async def test_holds_count_under_the_cap_until_answered_released_or_expired(pool):
@@ -181,13 +205,13 @@ async def test_a_dead_instances_calls_are_ended_by_another(pool):
     alive, dead = make_store(pool, instance_id="alive"), make_store(pool, instance_id="dead")
     for store, call in ((alive, "CA1"), (dead, "CA2")):
         await admit(store, call)
-        assert await store.start_stream(f"jti-{call}", call, time.time() + 60)
+        assert (await store.start_stream(f"jti-{call}", call, time.time() + 60, CONNECTED)).first
     await pool.execute("INSERT INTO instances (instance_id, seen_at) VALUES ('alive', now()), "
                        "('dead', now() - make_interval(secs => $1))", DEAD_AFTER_S + 1)
     reaped = [r["call_sid"] for r in await pool.fetch(alive._q.instances_reap, DEAD_AFTER_S, 100)]
     rows = {r["call_sid"]: (r["status"], r["end_reason"]) for r in await pool.fetch("SELECT * FROM calls")}
     assert reaped == ["CA2"]
-    assert rows == {"CA1": ("queued", None), "CA2": ("ended", "instance_lost")}
+    assert rows == {"CA1": ("connected", None), "CA2": ("ended", "instance_lost")}
 
 
 async def test_a_stream_token_is_single_use_on_this_instance_while_away(store_and_proxy):
@@ -195,9 +219,9 @@ async def test_a_stream_token_is_single_use_on_this_instance_while_away(store_an
     store, proxy = store_and_proxy
     proxy.cut()
     expires = time.time() + 60
-    assert await store.start_stream("jti-1", "CA1", expires) is True
-    assert await store.start_stream("jti-1", "CA1", expires) is False
-    assert await store.start_stream("jti-2", "CA2", expires) is True
+    assert (await store.start_stream("jti-1", "CA1", expires, CONNECTED)).first is True
+    assert (await store.start_stream("jti-1", "CA1", expires, CONNECTED)).first is False
+    assert (await store.start_stream("jti-2", "CA2", expires, CONNECTED)).first is True
 
 
 async def test_with_the_database_there_records_and_refunds_happen_once(store_and_proxy):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import urllib.request
 from typing import Protocol
@@ -17,6 +18,7 @@ from urllib.parse import urlencode, urlsplit
 
 import websockets
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.datastructures import Headers
 from websockets.protocol import State
 
 from config import CLOSE_TIMEOUT_S
@@ -129,4 +131,9 @@ class RealtimeConnector:
             )
         except (OSError, TimeoutError, websockets.InvalidHandshake, websockets.InvalidURI) as exc:
             raise ModelError(f"could not open the model connection: {type(exc).__name__}: {exc}") from exc
+        # The handshake is over: its request and response headers (~2 KiB, the API key among
+        # them) need not live as long as the call (bench/calls.py: RSS per call). websockets
+        # wants a response there once the handshake is done: an empty one stands in.
+        ws.request = None
+        ws.response = dataclasses.replace(ws.response, headers=Headers(), body=b"")
         return RealtimeConnection(ws)

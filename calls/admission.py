@@ -184,10 +184,6 @@ async def admit_stream(services: Services, start: wire.Start) -> CallSetup:
         claims = tokens.verify(services.token_secret, params.get(tokens.TOKEN_PARAMETER), start.call_sid, params)
     except tokens.TokenError as exc:
         raise StreamRefused(str(exc)) from None
-    started = await services.store.start_stream(claims.jti, start.call_sid, claims.expires,
-                                                connected=("connected", status.rank("connected")))
-    if not started.first:
-        raise StreamRefused("stream token already used, or the call already had its stream")
     try:
         scenario = scenarios.get(params.get("scenarioId"))
         config = orjson.loads(params.get("config") or "{}")
@@ -196,6 +192,12 @@ async def admit_stream(services: Services, start: wire.Start) -> CallSetup:
     if params.get("configRef"):
         stored = await services.store.get_request(params["configRef"])
         config = orjson.loads(stored["config"]) if stored else {}
+    # Last: the token is spent, and the call recorded streaming here and connected, only for a
+    # stream that goes on to run.
+    started = await services.store.start_stream(claims.jti, start.call_sid, claims.expires,
+                                                connected=("connected", status.rank("connected")))
+    if not started.first:
+        raise StreamRefused("stream token already used, or the call already had its stream")
     # The parameters are ours (the token proves it): whatever changed since is defaulted.
     return CallSetup(start.call_sid, start.stream_sid, scenario, scenario.validate(config, lenient=True),
                      scenario.voice(params.get("voice"), lenient=True), connected_recorded=started.connected)

@@ -85,6 +85,7 @@ class DatabaseGate:
         self._probe_sql = probe_sql
         self._migrate = migrate
         self._warm_up = warm_up
+        self._warm_up_failed = 0  # connections PostgreSQL would not let warm (logged)
         self._timeout = timeout
         self.became_up = asyncio.Event()  # set each time it comes (back) up; for write-backs
         self.up_since = 0.0  # time.monotonic() when it last came (back) up
@@ -124,9 +125,24 @@ class DatabaseGate:
 
     async def on_connect(self, conn: asyncpg.Connection) -> None:
         """The pool's ``init``: a new connection, warmed before it is lent (once migrated: before
-        that its statements do not exist yet)."""
-        if self.migrated and self._warm_up is not None:
+        that its statements do not exist yet). Warming is an optimisation, never a reason to
+        refuse a connection PostgreSQL gave: one it refuses for another reason (a read-only
+        database, a permission) is lent cold, with a warning. If the connection breaks, or the
+        caller's time runs out meanwhile, it is ended at once, not closed politely: asyncpg
+        would otherwise close it with a cancel request, bounded only by the command timeout,
+        well past the caller's own bound."""
+        if not self.migrated or self._warm_up is None:
+            return
+        try:
             await self._warm_up(conn)
+        except (*AWAY, asyncio.CancelledError):
+            conn.terminate()
+            raise
+        except asyncpg.PostgresError as exc:
+            self._warm_up_failed += 1
+            if self._warm_up_failed == 1 or self._warm_up_failed % 100 == 0:
+                log.warning("a new PostgreSQL connection could not be warmed (%s: %s); it is used cold "
+                            "(%d so far)", type(exc).__name__, str(exc)[:200], self._warm_up_failed)
 
     async def _warm(self) -> None:
         """Open the whole pool now, not during the next burst of calls: each new connection

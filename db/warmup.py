@@ -10,8 +10,8 @@ of a burst wait tens of ms each, and those behind them longer (limiter p99 57 ms
 paid while no call waits (DatabaseGate opens the whole pool once PostgreSQL answers).
 
 Rolled back, the statements change nothing: no charge, no call, no token, no notification
-(NOTIFY is delivered at commit only). The admission lock is held for the ~2 ms the warm-up
-takes, as by any admission.
+(NOTIFY is delivered at commit only). The admission takes an advisory lock of the
+connection's own, not the admission lock: no admission, and no other warm-up, waits for it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from db.sql import Queries
 # other's rows: a CallSid, charge id and token id no real one is (Twilio's are CA + 32 hex),
 # and a number's key no real one's HMAC-SHA256 is (28 zero bytes first).
 WARM_ID = "warm-up-{}"
+WARM_LOCK = 0x4347_5741_524D_0000  # "CGWARM" and the backend's pid: an advisory lock nobody else takes
 
 
 async def warm_up(conn: asyncpg.Connection, q: Queries) -> None:
@@ -35,8 +36,10 @@ async def warm_up(conn: asyncpg.Connection, q: Queries) -> None:
     try:
         # $n as each file's header names them.
         await conn.fetch(q.limiter_hit, [key], [ident], [1], [1000], [0], [None], [None], [False], ["ZZ"])
+        # Not the admission lock, so no admission waits for this; one of its own per connection,
+        # so warm-ups (of every instance) do not wait for each other either.
         await conn.fetchrow(q.calls_admit, ident, ident, "inbound", "ZZ", "default", 1, 1.0, 1.0, 1.0, "{}",
-                            0, "")  # lock 0: not the admission lock, so no admission waits for this
+                            WARM_LOCK + pid, "")
         await conn.fetchrow(q.calls_stream_start, ident, ident, ident, 30, "connected")
         await conn.fetchrow(q.calls_status, ident, "ended", 100, "warm-up", None, 100)
         await conn.fetchrow(q.calls_end_reason, ident, "warm-up")

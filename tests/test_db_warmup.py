@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
+import time
 import uuid
 
 import asyncpg
+import pytest
 
-from db.database import open_database
+from db.bounded import DatabaseAway, DatabaseGate
+from db.database import create_pool, open_database
+from db.migrate import migrate
 from db.sql import Queries
 from db.warmup import warm_up
-from helpers import settings_for, with_database
+from helpers import proxied, settings_for, with_database
 
 # What a call's set-up runs, each of which a cold backend prepares and plans first (and, for the
 # limiter and the admission, compiles their PL/pgSQL functions).
@@ -70,3 +76,47 @@ async def test_every_connection_of_a_fresh_database_is_warm_once_the_pool_opens(
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+async def test_a_database_that_refuses_the_warm_up_is_still_used(dsn, caplog):
+    """A database that will not take the warm-up's writes (here: read-only, as a standby is)
+    still lends its connections, cold, with a warning: warming never refuses a connection."""
+    caplog.set_level(logging.WARNING, logger="callgate.db")
+    admin = await asyncpg.connect(dsn)
+    await admin.execute(f'ALTER DATABASE "{await admin.fetchval("SELECT current_database()")}" '
+                        "SET default_transaction_read_only = on")
+    await admin.close()
+    q = Queries.load()
+    pool = await create_pool(dsn, 2, client_timeout_ms=2000, init=lambda conn: gate.on_connect(conn))
+    gate = DatabaseGate(pool, q.database_ping, migrate, 2.0, warm_up=functools.partial(warm_up, q=q))
+    gate.migrated = True
+    try:
+        assert await gate.probe()
+        assert await gate.run(lambda conn: conn.fetchval("SELECT 1"), 2.0) == 1
+        assert gate.up
+        assert "could not be warmed (ReadOnlySQLTransactionError" in caplog.text
+    finally:
+        pool.terminate()
+
+
+async def test_a_connection_that_stalls_while_warming_costs_its_caller_only_its_own_bound(dsn):
+    """PostgreSQL stops answering in the middle of a new connection's warm-up: the statement
+    that asked for the connection fails as an outage within its own time bound, not after
+    asyncpg's polite close of the connection (a cancel request, bounded by the 4 s command
+    timeout)."""
+    q = Queries.load()
+    async with proxied(dsn) as proxy:
+        async def stalling_warm_up(conn):
+            proxy.mute()
+            await warm_up(conn, q)
+
+        pool = await create_pool(proxy.dsn, 2, client_timeout_ms=2000, init=lambda conn: gate.on_connect(conn))
+        gate = DatabaseGate(pool, q.database_ping, migrate, 2.0, warm_up=stalling_warm_up)
+        gate.up = gate.migrated = True
+        try:
+            started = time.monotonic()
+            with pytest.raises(DatabaseAway):
+                await gate.run(lambda conn: conn.fetchval("SELECT 1"), 0.5)
+            assert time.monotonic() - started < 1.5
+        finally:
+            pool.terminate()

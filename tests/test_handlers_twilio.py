@@ -139,6 +139,22 @@ async def test_bad_stream_tokens_close_1008_before_the_model(dsn, case):
     assert code == 1008
 
 
+async def test_a_stream_for_a_scenario_gone_since_its_webhook_is_refused_and_spends_nothing(dsn):
+    """A stream whose parameters no longer make a call (its scenario removed by a deploy between
+    the webhook and the stream) is closed with 1008, and its call is not recorded streaming or
+    connected, nor its token spent: the record says what happened."""
+    async with FakeRealtime() as model, callgate(dsn, model=model) as h:
+        call = h.call(audio=b"")
+        twiml = await call.webhook()
+        params = {k: v for k, v in twiml.parameters.items() if k != "token"} | {"scenarioId": "gone-since"}
+        params["token"] = tokens.mint(h.app[TOKEN_SECRET], call.call_sid, params)
+        await call.connect(twiml.stream_url, params)
+        assert await call.wait_closed() == 1008
+        record = await h.app[CALL_STORE].get(call.call_sid)
+        assert model.connections == 0
+    assert (record["status"], record["streamed_at"], record["connected_at"]) == ("queued", None, None)
+
+
 async def test_a_socket_without_start_is_closed(dsn, monkeypatch):
     """A stream that never sends a valid start is closed with 1008 when its time is up."""
     import handlers.twilio

@@ -125,7 +125,8 @@ class Call:
         self._bus = services.bus
         self._model: ModelConnection | None = None
         self._ready = False
-        self._pre_ready: collections.deque[str] = collections.deque(maxlen=PRE_READY_FRAMES)
+        # Caller audio that came before the model was ready; None once it is (its ~0.7 KiB freed).
+        self._pre_ready: collections.deque[str] | None = collections.deque(maxlen=PRE_READY_FRAMES)
         self._playout = Playout()
         self._checked_item: str | None = None  # the last item id found safe to put in a mark
         # Resolved to end the call now (a request, the watchdog, the time limit): a future and
@@ -241,6 +242,7 @@ class Call:
         while self._pre_ready:
             await self._model.send(realtime.append_audio(self._pre_ready.popleft()))
         self._ready = True
+        self._pre_ready = None
         took = time.monotonic() - self.started
         self._services.observe_setup(took)
         log.info("call %s: model ready (%s) after %.0f ms", self.call_sid, self._services.connector.name, took * 1000)

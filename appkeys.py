@@ -18,6 +18,7 @@ from limiter.limiter import Limiter
 from logsetup import Throttled
 from metrics import Metrics
 from twilio_rest import TwilioRest
+from worker_metrics import WorkerMetrics
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -33,4 +34,5 @@ TOKEN_SECRET = web.AppKey("token_secret", bytes)
 HTTP = web.AppKey("http", aiohttp.ClientSession)  # outgoing HTTP (Turnstile)
 FRONTEND = web.AppKey("frontend", FrontendState)
 FANOUT = web.AppKey("fanout", PgFanout)
+WORKER_METRICS = web.AppKey("worker_metrics", WorkerMetrics)  # in a worker of several: /metrics for all
 REFUSALS = web.AppKey("refusals", Throttled)  # log lines for refused requests, throttled per reason

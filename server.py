@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import orjson
@@ -46,6 +47,7 @@ from appkeys import (
     SETTINGS,
     TOKEN_SECRET,
     TWILIO_REST,
+    WORKER_METRICS,
 )
 from bridge import events, tokens
 from bridge.call import CallServices
@@ -69,7 +71,8 @@ from limiter.rules import Rules
 from logsetup import Throttled
 from metrics import Metrics
 from twilio_rest import TwilioRest
-from workers import supervise
+from worker_metrics import FOLDER_ENV, WorkerMetrics
+from workers import WORKER_ENV, supervise
 
 log = logging.getLogger("callgate")
 
@@ -289,6 +292,12 @@ async def drain(app: web.Application, timeout: float) -> None:
 async def serve(settings: Settings, host: str, reuse_port: bool = False) -> None:
     """Run until SIGTERM or SIGINT, then drain (listener open), then shut down."""
     app = create_app(settings)
+    peers = None
+    if os.environ.get(FOLDER_ENV) and os.environ.get(WORKER_ENV, "").isdigit():
+        # One worker of several (workers.py): a scrape reaching it answers for them all.
+        peers = app[WORKER_METRICS] = WorkerMetrics(int(os.environ[WORKER_ENV]), Path(os.environ[FOLDER_ENV]),
+                                                    functools.partial(health.own_metrics, app))
+        await peers.start()
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, settings.port, reuse_port=reuse_port or None).start()
@@ -306,6 +315,8 @@ async def serve(settings: Settings, host: str, reuse_port: bool = False) -> None
         await drain(app, settings.shutdown_drain_ms / 1000)
     finally:
         await runner.cleanup()
+        if peers is not None:
+            await peers.stop()
     log.info("stopped")
 
 

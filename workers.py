@@ -7,7 +7,8 @@ each binding the same address with SO_REUSEPORT (the kernel spreads new connecti
 them) and given the database's DSN. Each worker is a Callgate instance like another machine
 would be — its own id, heartbeat and share of the cap — so a webhook answered by one and the
 media stream that follows on another work as they do across machines: the state is in
-PostgreSQL. SIGTERM or SIGINT is passed on to every worker, which drains its calls; a worker
+PostgreSQL. A scrape of ``/metrics`` on any of them answers for all (``worker_metrics.py``).
+SIGTERM or SIGINT is passed on to every worker, which drains its calls; a worker
 that dies otherwise is started again (after a pause, so a crash loop cannot spin).
 """
 
@@ -18,13 +19,16 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from config import Settings
 from db.embedded import EmbeddedPostgres
+from worker_metrics import FOLDER_ENV
 
 log = logging.getLogger("callgate.workers")
 
@@ -37,6 +41,9 @@ async def supervise(settings: Settings, host: str, workers: int) -> int:
     env = dict(os.environ)
     env["WEB_CONCURRENCY"] = "1"  # a worker is one process
     env["PORT"] = str(settings.port)
+    # Where each worker says on which loopback port its own metrics are (worker_metrics.py).
+    folder = Path(tempfile.mkdtemp(prefix="callgate-workers-"))
+    env[FOLDER_ENV] = str(folder)
     embedded = None
     if settings.dsn is None:
         embedded = EmbeddedPostgres(settings.data_dir.resolve() / "pg")
@@ -53,6 +60,7 @@ async def supervise(settings: Settings, host: str, workers: int) -> int:
     finally:
         if embedded is not None:
             await asyncio.to_thread(embedded.stop)
+        shutil.rmtree(folder, ignore_errors=True)
     return max(results)
 
 

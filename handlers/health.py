@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 
 from aiohttp import web
 
-from appkeys import CALL_STORE, DATABASE, FRONTEND, LIFECYCLE, LIMITER, METRICS, SETTINGS
+from appkeys import CALL_STORE, DATABASE, FRONTEND, LIFECYCLE, LIMITER, METRICS, SETTINGS, WORKER_METRICS
 from config import VERSION
 from metrics import CONTENT_TYPE_LATEST
 
@@ -60,8 +60,8 @@ async def health(request: web.Request) -> web.Response:
     })
 
 
-async def metrics(request: web.Request) -> web.Response:
-    app = request.app
+def own_metrics(app: web.Application) -> bytes:
+    """This process's metrics, its gauges read now."""
     m = app[METRICS]
     pool = app[DATABASE].pool
     m.pool_size.set(pool.get_size())
@@ -70,4 +70,11 @@ async def metrics(request: web.Request) -> web.Response:
     m.calls_owed.set(app[CALL_STORE].owed)
     m.instances_alive.set(app[CALL_STORE].instances_alive)
     m.database_up.set(1 if app[DATABASE].gate.up else 0)
-    return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return m.render()
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = own_metrics(request.app)
+    if WORKER_METRICS in request.app:  # one worker of several: the answer is for all of them
+        body = await request.app[WORKER_METRICS].render(body)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -39,6 +39,7 @@ from aiohttp import web
 import config
 import metrics
 import protocol
+import worker_metrics
 from bridge.fanout import CHANNEL
 from helpers import ROOT, settings_for
 from logs_traffic import problem_with
@@ -460,6 +461,7 @@ def exported_metrics() -> frozenset[str]:
         names |= {family.name + s for s in {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum",
                   "_count", "_created"), "summary": ("_sum", "_count", "_created")}.get(family.type, ())}
         names |= {sample.name for sample in family.samples}
+    names.add(worker_metrics.MISSING)  # added by a worker of several, to the merged answer
     return frozenset(names)
 
 

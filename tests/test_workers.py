@@ -13,8 +13,10 @@ import signal
 import sys
 from pathlib import Path
 
+import aiohttp
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import free_port, wait_until
 from tools.simulate_call import SimulatedCall
@@ -130,3 +132,34 @@ async def test_a_call_crosses_workers_and_the_database_runs_once(supervisor):
     assert await sup.stop() == 0
     assert postmasters(sup.data_dir) == []
     assert not [line for line in sup.lines if line.get("level") == "error"]
+
+
+async def test_a_scrape_reaching_any_worker_answers_for_every_worker(supervisor):
+    """/metrics on the shared port answers for both workers, each series labelled with its
+    worker, whichever worker the kernel hands the scrape: the calls' totals are the same in
+    every scrape (a worker answering for itself alone would show its own share)."""
+    sup = supervisor
+    for n in range(2):
+        call = SimulatedCall(f"http://127.0.0.1:{sup.port}", public_url=PUBLIC_URL, auth_token=AUTH_TOKEN,
+                             audio=b"", from_=f"+1415556{n:04d}")
+        async with call:
+            await call.webhook()
+            await call.connect()
+            sid = call.call_sid
+            await wait_until(lambda: sup.worker_of(f"call {sid}: stream") is not None, timeout=30,
+                             what="the stream's start logged")
+            await call.stop()
+            await wait_until(lambda: sup.worker_of(f"call {sid} ended") is not None, timeout=30,
+                             what="the call's end logged")
+    for _ in range(12):
+        async with aiohttp.ClientSession() as session:  # a new connection each time: any worker
+            async with session.get(f"http://127.0.0.1:{sup.port}/metrics") as resp:
+                assert resp.status == 200
+                text = await resp.text()
+        samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+        cpu = {s.labels["worker"] for s in samples if s.name == "process_cpu_seconds_total"}
+        calls = sum(s.value for s in samples if s.name == "callgate_calls_total")
+        hits = sum(s.value for s in samples if s.name == "callgate_limiter_decisions_total" and s.labels["op"] == "hit")
+        missing = next(s.value for s in samples if s.name == "callgate_metrics_workers_missing")
+        assert (cpu, calls, hits, missing) == ({"1", "2"}, 2, 2, 0)
+    assert await sup.stop() == 0

@@ -34,7 +34,7 @@ def parse(text: str) -> list[Metric] | None:
     """A worker's exposition, or None if it is not one (a port reused by something else)."""
     try:
         return list(text_string_to_metric_families(text))
-    except ValueError:
+    except Exception:  # noqa: BLE001 - whatever answered there, it is not a worker's metrics
         return None
 
 

@@ -79,6 +79,23 @@ class Supervisor:
     def worker_of(self, needle: str) -> int | None:
         return next((line.get("worker") for line in self.lines if needle in line["msg"]), None)
 
+    async def place_call(self, number: str) -> str:
+        """A call from ``number``: webhook, stream, the caller hangs up once it streams; its
+        CallSid once its end is logged."""
+        call = SimulatedCall(f"http://127.0.0.1:{self.port}", public_url=PUBLIC_URL, auth_token=AUTH_TOKEN,
+                             audio=b"", from_=number)
+        async with call:
+            twiml = await call.webhook()
+            assert twiml.stream_url, twiml.body
+            await call.connect()
+            sid = call.call_sid
+            await wait_until(lambda: self.worker_of(f"call {sid}: stream") is not None, timeout=30,
+                             what="the stream's start logged")
+            await call.stop()
+            await wait_until(lambda: self.worker_of(f"call {sid} ended") is not None, timeout=30,
+                             what="the call's end logged")
+        return sid
+
     async def stop(self) -> int:
         if self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)
@@ -109,18 +126,7 @@ async def test_a_call_crosses_workers_and_the_database_runs_once(supervisor):
     # its stream landed on different workers (each try is an even chance).
     crossed = None
     for attempt in range(40):
-        call = SimulatedCall(f"http://127.0.0.1:{sup.port}", public_url=PUBLIC_URL, auth_token=AUTH_TOKEN,
-                             audio=b"", from_=f"+1415555{attempt:04d}")
-        async with call:
-            twiml = await call.webhook()
-            assert twiml.stream_url, twiml.body
-            await call.connect()
-            sid = call.call_sid
-            await wait_until(lambda: sup.worker_of(f"call {sid}: stream") is not None, timeout=30,
-                             what="the stream's start logged")
-            await call.stop()
-            await wait_until(lambda: sup.worker_of(f"call {sid} ended") is not None, timeout=30,
-                             what="the call's end logged")
+        sid = await sup.place_call(f"+1415555{attempt:04d}")
         webhook_worker, stream_worker = sup.worker_of(f"webhook {sid}"), sup.worker_of(f"call {sid}: stream")
         ended = next(line["msg"] for line in sup.lines if f"call {sid} ended" in line["msg"])
         assert "caller_hangup" in ended, ended
@@ -140,17 +146,7 @@ async def test_a_scrape_reaching_any_worker_answers_for_every_worker(supervisor)
     every scrape (a worker answering for itself alone would show its own share)."""
     sup = supervisor
     for n in range(2):
-        call = SimulatedCall(f"http://127.0.0.1:{sup.port}", public_url=PUBLIC_URL, auth_token=AUTH_TOKEN,
-                             audio=b"", from_=f"+1415556{n:04d}")
-        async with call:
-            await call.webhook()
-            await call.connect()
-            sid = call.call_sid
-            await wait_until(lambda: sup.worker_of(f"call {sid}: stream") is not None, timeout=30,
-                             what="the stream's start logged")
-            await call.stop()
-            await wait_until(lambda: sup.worker_of(f"call {sid} ended") is not None, timeout=30,
-                             what="the call's end logged")
+        await sup.place_call(f"+1415556{n:04d}")
     for _ in range(12):
         async with aiohttp.ClientSession() as session:  # a new connection each time: any worker
             async with session.get(f"http://127.0.0.1:{sup.port}/metrics") as resp:

@@ -7,7 +7,7 @@
 // (sessionStorage), never in a cookie, localStorage or a URL. As on the main page, text from
 // the server only reaches the page through textContent, never as HTML.
 
-import { openLogsSocket, reconnectDelay } from './logs-socket.js';
+import { openLogsSocket, parseMessage, reconnectDelay, showConnection } from './logs-socket.js';
 
 const TOKEN_KEY = 'callgate.adminToken';
 const POLL_MS = 5000;
@@ -142,7 +142,7 @@ function showSignIn(problem) {
   ui.dashboard.hidden = true;
   ui.signOut.hidden = true;
   ui.form.hidden = false;
-  setConn('signed-out', 'Signed out');
+  showConnection(ui.conn, 'signed-out', 'Signed out');
   showTokenError(problem);
   ui.token.focus();
 }
@@ -167,14 +167,14 @@ async function getStats(token) {
 // --- the all-calls monitor --------------------------------------------------------------
 
 function connect() {
-  setConn('connecting', 'Connecting…');
+  showConnection(ui.conn, 'connecting', 'Connecting…');
   openLogsSocket(state, { open: onOpen, message: onMessage, close: onClose });
 }
 
 function onOpen() {
   const reconnected = state.reconnectAttempt > 0;
   state.reconnectAttempt = 0;
-  setConn('open', 'Live');
+  showConnection(ui.conn, 'open', 'Live');
   if (reconnected) {
     // Events sent while we were away are lost: what we show as live is unconfirmed until the
     // server says so again (the calls live on this instance come with the subscription).
@@ -193,7 +193,7 @@ function subscribe() {
 
 function onClose() {
   const delay = reconnectDelay(state.reconnectAttempt++);
-  setConn('closed', `Disconnected — reconnecting in ${Math.ceil(delay / 1000)} s`);
+  showConnection(ui.conn, 'closed', `Disconnected — reconnecting in ${Math.ceil(delay / 1000)} s`);
   announce('The live feed is disconnected; reconnecting.');
   state.reconnectTimer = setTimeout(connect, delay);
 }
@@ -204,19 +204,9 @@ function reconnectNow() {
   connect();
 }
 
-function setConn(connState, text) {
-  ui.conn.dataset.state = connState;
-  ui.conn.textContent = text;
-}
-
 function onMessage(event) {
-  let message;
-  try {
-    message = JSON.parse(event.data);
-  } catch {
-    return;
-  }
-  if (!message || typeof message !== 'object' || typeof message.type !== 'string') return;
+  const message = parseMessage(event.data);
+  if (!message) return;
   // Transcripts of every call come too; this page does not show what callers say.
   const handler = HANDLERS[message.type];
   handler?.(message);

@@ -4,7 +4,7 @@
 // back, re-checks the number and resubscribes to the call this tab is following. Text from
 // the server only ever reaches the page through textContent / new Option(), never as HTML.
 
-import { RECONNECT_MAX_MS, openLogsSocket, reconnectDelay } from './logs-socket.js';
+import { RECONNECT_MAX_MS, openLogsSocket, parseMessage, reconnectDelay, showConnection } from './logs-socket.js';
 
 const CHECK_DEBOUNCE_MS = 300;
 const MIN_DIALLABLE = 8; // fewer keys than any full number in US/AU/IN: not worth asking yet
@@ -110,13 +110,13 @@ function send(message) {
 }
 
 function connect() {
-  setConn('connecting', 'Connecting…');
+  showConnection(ui.conn, 'connecting', 'Connecting…');
   openLogsSocket(state, { open: onOpen, message: onMessage, close: onClose });
 }
 
 function onOpen() {
   state.reconnectAttempt = 0;
-  setConn('open', 'Connected');
+  showConnection(ui.conn, 'open', 'Connected');
   checkNumber();
   if (state.call?.active) resubscribe();
   updateControls();
@@ -124,7 +124,7 @@ function onOpen() {
 
 function onClose() {
   const delay = reconnectDelay(state.reconnectAttempt++);
-  setConn('closed', `Disconnected — retrying in ${Math.ceil(delay / 1000)} s`);
+  showConnection(ui.conn, 'closed', `Disconnected — retrying in ${Math.ceil(delay / 1000)} s`);
   state.reconnectTimer = setTimeout(connect, delay);
   stopLimitTimers();
   showLimit('offline', OFFLINE_TEXT);
@@ -145,20 +145,10 @@ function reconnectNow() {
   connect();
 }
 
-function setConn(connState, text) {
-  ui.conn.dataset.state = connState;
-  ui.conn.textContent = text;
-}
-
 function onMessage(event) {
-  let message;
-  try {
-    message = JSON.parse(event.data);
-  } catch {
-    return; // not ours to judge; the protocol is JSON text only
-  }
-  const handler = message && typeof message === 'object' ? HANDLERS[message.type] : undefined;
-  handler?.(message); // unknown types are ignored: the server may grow new events
+  const message = parseMessage(event.data);
+  // Unknown types are ignored: the server may grow new events.
+  if (message) HANDLERS[message.type]?.(message);
 }
 
 const HANDLERS = {

@@ -23,3 +23,21 @@ export function reconnectDelay(attempt) {
   const base = Math.min(RECONNECT_MAX_MS, RECONNECT_MIN_MS * 2 ** attempt);
   return Math.round(base * (0.8 + Math.random() * 0.4));
 }
+
+// A server message: a JSON object with a string type, or null for anything else (the protocol
+// is JSON text only; what is not ours to judge is ignored).
+export function parseMessage(data) {
+  let message;
+  try {
+    message = JSON.parse(data);
+  } catch {
+    return null;
+  }
+  return message && typeof message === 'object' && typeof message.type === 'string' ? message : null;
+}
+
+// The connection badge: its state (the stylesheet keys on data-state) and what it says.
+export function showConnection(badge, connState, text) {
+  badge.dataset.state = connState;
+  badge.textContent = text;
+}

@@ -96,6 +96,15 @@ def wire(api: FakeTwilioApi, number: str, public_url: str, **fields):
                                      **fields})
 
 
+async def doctor_with_us_number(deployment, **fields) -> Report:
+    """The doctor's report with the US caller id configured as the README says but for
+    ``fields`` (the AU one as the README says)."""
+    deployment.twilio.numbers.clear()
+    wire(deployment.twilio, AU_NUMBER, deployment.harness.url)
+    wire(deployment.twilio, US_NUMBER, deployment.harness.url, **fields)
+    return await deployment.doctor()
+
+
 def closed_port() -> int:
     """A loopback port nothing listens on (bound, then released)."""
     with socket.socket() as s:
@@ -273,10 +282,7 @@ async def test_refused_twilio_credentials_fail_the_account_and_skip_the_numbers(
 
 async def test_a_number_missing_from_the_account_is_a_failed_line(deployment):
     """A caller id that is on another account only: named by its variable, masked."""
-    deployment.twilio.numbers.clear()
-    wire(deployment.twilio, AU_NUMBER, deployment.harness.url)
-    wire(deployment.twilio, US_NUMBER, deployment.harness.url, account_sid="AC" + "0" * 32)
-    report = await deployment.doctor()
+    report = await doctor_with_us_number(deployment, account_sid="AC" + "0" * 32)
     assert_fails_only(report, "Twilio number US")
     line = report.only("Twilio number US")
     assert "+1415•••0100 (TWILIO_PHONE_NUMBER_US) is not a number of account" in line.text
@@ -285,10 +291,7 @@ async def test_a_number_missing_from_the_account_is_a_failed_line(deployment):
 
 async def test_a_voice_webhook_pointing_elsewhere_is_a_failed_line(deployment):
     """'A call comes in' at another host: shown without its query, the fix names our /twiml."""
-    deployment.twilio.numbers.clear()
-    wire(deployment.twilio, AU_NUMBER, deployment.harness.url)
-    wire(deployment.twilio, US_NUMBER, deployment.harness.url, voice_url="https://old.example/twiml?scenario=x")
-    report = await deployment.doctor()
+    report = await doctor_with_us_number(deployment, voice_url="https://old.example/twiml?scenario=x")
     assert_fails_only(report, "Twilio number US")
     line = report.only("Twilio number US")
     assert '"A call comes in" points at https://old.example/twiml?…' in line.text
@@ -297,21 +300,15 @@ async def test_a_voice_webhook_pointing_elsewhere_is_a_failed_line(deployment):
 
 async def test_a_voice_webhook_with_a_scenario_query_is_ok(deployment):
     """Our /twiml with a query choosing the scenario is what the README allows."""
-    deployment.twilio.numbers.clear()
-    wire(deployment.twilio, AU_NUMBER, deployment.harness.url)
-    wire(deployment.twilio, US_NUMBER, deployment.harness.url,
-         voice_url=f"{deployment.harness.url}/twiml?scenario=customer-service")
-    report = await deployment.doctor()
+    report = await doctor_with_us_number(deployment,
+                                         voice_url=f"{deployment.harness.url}/twiml?scenario=customer-service")
     assert report.code == 0, report.stdout
     assert report.only("Twilio number US").status == "ok"
 
 
 async def test_a_missing_status_callback_is_a_failed_line(deployment):
     """No 'Call status changes' URL: the line says so and what it costs; the fix names the URL."""
-    deployment.twilio.numbers.clear()
-    wire(deployment.twilio, AU_NUMBER, deployment.harness.url)
-    wire(deployment.twilio, US_NUMBER, deployment.harness.url, status_callback="")
-    report = await deployment.doctor()
+    report = await doctor_with_us_number(deployment, status_callback="")
     assert_fails_only(report, "Twilio number US")
     line = report.only("Twilio number US")
     assert '"Call status changes" is empty' in line.text
@@ -320,10 +317,7 @@ async def test_a_missing_status_callback_is_a_failed_line(deployment):
 
 async def test_a_status_callback_sent_with_get_is_a_failed_line(deployment):
     """/twilio/status takes POST only: a GET status callback would be refused."""
-    deployment.twilio.numbers.clear()
-    wire(deployment.twilio, AU_NUMBER, deployment.harness.url)
-    wire(deployment.twilio, US_NUMBER, deployment.harness.url, status_callback_method="GET")
-    report = await deployment.doctor()
+    report = await doctor_with_us_number(deployment, status_callback_method="GET")
     assert_fails_only(report, "Twilio number US")
     assert "takes POST only" in report.only("Twilio number US").text
 
